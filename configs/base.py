@@ -1,0 +1,106 @@
+"""Base configuration shared by every dataset config.
+
+Each dataset config calls `get_base_config()` and overrides what differs. Every key that exists here can be
+overridden from the command line (`--config.optim.lr=5e-4`); a key that does not exist is an error.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # pretrain (stage 1, ICA) | extract (stage-1 features) | train (stage 2, CCA + UIA) | all | probe
+  config.stage = "train"
+  config.seed = 999
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.name = ""                # dataset name: <root>/<name>.inter
+  data.root = ""                # folder holding the MMRec-format files
+  data.inter_file = ""          # defaults to <name>.inter
+  data.user_field = "userID"
+  data.item_field = "itemID"
+  data.split_field = "x_label"
+  data.image_feat = "image_feat.npy"   # file name under root ("" = none); AlignRec's fused features use this slot
+  data.text_feat = ""                  # MMRec's text_feat.npy slot ("" = none; AlignRec ignores text, spec §6)
+  data.features_from = ""       # a stage-1 workdir: take the feature table from its orbax checkpoint instead
+  data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
+  data.synthetic = False        # generate the embedded default dataset into root
+  data.items_file = "items.tsv"  # raw content table (stage 1)
+
+  # ---------------------------------------------------------------- stage-2 model (AlignRec, spec §5)
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "alignrec"
+  model.embedding_size = 64
+  model.n_ui_layers = 2         # LightGCN layers on the user-item graph
+  model.n_ii_layers = 1         # propagation steps on the item-item kNN graph
+  model.knn_k = 10
+  model.use_ln = False          # LayerNorm on the raw feature table before the projection
+  model.freeze_features = False  # reference: the feature table is trainable
+  model.sim_target = "current"  # 'current' (reference: fine-tuned table) | 'frozen' (initial table)
+  model.side_emb_div = 0.0      # Fuser: h = h_id + h_mm / div (0 = plain sum, the reference default)
+  model.propagation = "segment_sum"
+
+  # ---------------------------------------------------------------- stage-2 losses
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.reg_weight = 1e-4        # lambda: L2 on final batch embeddings / train.batch_size
+  loss.cl_weight = 0.01         # alpha: CCA InfoNCE ('cl_loss' in the reference)
+  loss.sim_weight = 0.1         # beta: similarity-preserving loss
+  loss.ui_cosine_weight = 0.1   # UIA cosine term
+  loss.temperature = 0.2        # InfoNCE temperature (hard-coded in the reference)
+
+  # ---------------------------------------------------------------- stage-2 optimisation
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 1e-3
+  optim.lr_decay = 0.96         # lr_e = lr * decay ** (epoch / decay_every), stepped per epoch
+  optim.lr_decay_every = 50
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 2048       # global batch, split across devices
+  train.epochs = 1000
+  train.stopping_step = 30      # stop after this many epochs without a better valid metric
+  train.eval_every = 1
+  train.num_devices = 0         # 0 = all local devices
+  train.log_every_steps = 0     # 0 = one progress line per epoch
+  train.keep_checkpoints = 1    # latest checkpoints kept besides the best
+
+  # ---------------------------------------------------------------- evaluation (MMRec protocol, spec §8)
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.topk = (5, 10, 20, 50)
+  ev.metrics = ("recall", "ndcg", "precision", "map")
+  ev.valid_metric = "recall@20"
+  ev.batch_users = 4096
+  ev.popularity_groups = ()     # e.g. (0.2,) = head 20% / tail 80% of items by train popularity
+
+  # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), decisions.md
+  config.pretrain = pre = ml_collections.ConfigDict()
+  pre.size = "tiny"             # tiny | small | base
+  pre.image_size = 32
+  pre.patch_size = 8
+  pre.max_text_len = 32
+  pre.vocab_size = 2000         # upper bound; the tokenizer is built from the data
+  pre.min_token_count = 1
+  pre.text_mask_ratio = 0.5
+  pre.image_mask_ratio = 0.4
+  pre.mlm_weight = 1.0
+  pre.mim_weight = 1.0
+  pre.itc_weight = 0.0
+  pre.mim_target = "pixels"
+  pre.batch_size = 64
+  pre.steps = 500
+  pre.lr = 1e-3
+  pre.warmup_steps = 50
+  pre.weight_decay = 0.05
+  pre.dropout = 0.0
+  pre.checkpoint_every = 100
+  pre.log_every = 20
+  pre.extract_batch_size = 128
+
+  # ---------------------------------------------------------------- probe (intermediate evaluations)
+  config.probe = probe = ml_collections.ConfigDict()
+  probe.features = ()           # .npy files or stage-1 workdirs to compare
+  probe.classes = ("zero_shot", "item_cf")
+  probe.mask_ratio = 0.5
+  probe.item_cf_k = 10
+  probe.item_cf_shrink = 10.0
+  return config
