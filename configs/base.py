@@ -24,6 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.image_feat = "image_feat.npy"   # file name under root ("" = none); AlignRec's fused features use this slot
   data.text_feat = ""                  # MMRec's text_feat.npy slot ("" = none; AlignRec ignores text, spec §6)
   data.features_from = ""       # a stage-1 workdir: take the feature table from its orbax checkpoint instead
+  data.features_variant = "full"  # which stage-1 table: full | mask_image | mask_text
   data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
   data.synthetic = False        # generate the embedded default dataset into root
   data.items_file = "items.tsv"  # raw content table (stage 1)

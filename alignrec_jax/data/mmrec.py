@@ -1,0 +1,238 @@
+"""The MMRec toolbox's data format: `<name>.inter` interactions plus item feature `.npy` files.
+
+Format (spec alignrec.md §3.2): a tab-separated file with a header line; the user, item and split columns are named
+by the config (`userID`, `itemID`, `x_label` by default; 0/1/2 = train/valid/test); other columns are ignored.
+Item features are `.npy` matrices whose row i belongs to itemID i. As in MMRec, `n_users` and `n_items` are
+`max(id) + 1` over the whole file, and valid/test rows of users who never appear in train are dropped.
+
+Every check raises `DataError` naming the file and the line or field, so a bad file never surfaces as a traceback
+from deep inside numpy.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Mapping
+
+import ml_collections
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+
+_WHERE_DATA_COMES_FROM = (
+    "MMRec-format data (<name>.inter with userID/itemID/x_label columns, plus item features such as "
+    "image_feat.npy / text_feat.npy) comes from the MMRec toolbox's data release (github.com/enoche/MMRec, "
+    "data/README.md); AlignRec's own fused features from the AlignRec repository's data/README.md. Put the files in "
+    "one folder and pass it with --config.data.root=DIR.")
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and the line or field at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecData:
+  """A loaded recommendation dataset. Interaction arrays are `[n_rows, 2]` int32 (user, item), in file order."""
+  name: str
+  n_users: int
+  n_items: int
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+  features: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # slot -> [n_items, d] float32
+
+  def split(self, name: str) -> np.ndarray:
+    if name not in SPLITS:
+      raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    return getattr(self, name)
+
+  @functools.cached_property
+  def _train_csr(self):
+    return interactions_to_csr(self.train, self.n_users)
+
+  def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr [n_users + 1], indices [n_train]) of each user's train items, items sorted within a user."""
+    return self._train_csr
+
+  def item_popularity(self) -> np.ndarray:
+    """[n_items] int64: number of train interactions of each item."""
+    return np.bincount(self.train[:, 1], minlength=self.n_items)
+
+  def summary(self) -> str:
+    feats = ", ".join(f"{k} {v.shape[1]}-d" for k, v in self.features.items()) or "no features"
+    return (f"{self.name}: {self.n_users} users, {self.n_items} items, {len(self.train)}/{len(self.valid)}/"
+            f"{len(self.test)} train/valid/test interactions, {feats}")
+
+
+def interactions_to_csr(pairs: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indptr [n_rows + 1], column indices) of `[n, 2]` (row, col) pairs; columns sorted within a row."""
+  order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+  counts = np.bincount(pairs[:, 0], minlength=n_rows)
+  indptr = np.zeros(n_rows + 1, np.int64)
+  np.cumsum(counts, out=indptr[1:])
+  return indptr, pairs[order, 1].astype(np.int32)
+
+
+def _parse_int_column(values: list, path: str, field: str, line_numbers: np.ndarray) -> np.ndarray:
+  """Converts a column of strings to int64, naming the first bad line on failure."""
+  try:
+    column = np.asarray(values, dtype=np.int64)
+  except (ValueError, OverflowError):
+    for idx, text in enumerate(values):
+      try:
+        int(text)
+      except ValueError:
+        raise DataError(f"{path}, line {line_numbers[idx]}: field {field!r} must be an integer, got {text!r}"
+                        ) from None
+    raise DataError(f"{path}: field {field!r} has a value out of range")  # pragma: no cover
+  negative = np.flatnonzero(column < 0)
+  if negative.size:
+    idx = negative[0]
+    raise DataError(f"{path}, line {line_numbers[idx]}: field {field!r} must be a non-negative id, got "
+                    f"{column[idx]}")
+  return column
+
+
+def read_inter(path: str, user_field: str = "userID", item_field: str = "itemID",
+               split_field: str = "x_label") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads an `.inter` file.
+
+  Returns:
+    users [n] int64, items [n] int64, splits [n] int64 in {0, 1, 2}, in file order.
+  """
+  if not os.path.isfile(path):
+    raise DataError(f"interaction file not found: {path}. {_WHERE_DATA_COMES_FROM}")
+  with open(path, "r", encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  if not lines or not lines[0].strip():
+    raise DataError(f"{path}, line 1: empty file or missing header (expected tab-separated columns "
+                    f"{user_field}, {item_field}, {split_field})")
+  header = [h.strip() for h in lines[0].rstrip("\r").split("\t")]
+  seen = set()
+  for name in header:
+    if name in seen:
+      raise DataError(f"{path}, line 1: duplicate column {name!r} in header {header}")
+    seen.add(name)
+  missing = [f for f in (user_field, item_field, split_field) if f not in header]
+  if missing:
+    raise DataError(f"{path}, line 1: missing column(s) {missing} in header {header} (set "
+                    f"--config.data.user_field/item_field/split_field if the file names them differently)")
+  n_cols = len(header)
+  cols = [header.index(user_field), header.index(item_field), header.index(split_field)]
+  header_line = lines[0].rstrip("\r")
+
+  rows, line_numbers = [], []
+  for lineno, line in enumerate(lines[1:], start=2):
+    line = line.rstrip("\r")
+    if not line.strip():
+      continue  # blank lines carry nothing; MMRec's pandas reader skips them too
+    fields = line.split("\t")
+    if len(fields) != n_cols:
+      if line == header_line:
+        raise DataError(f"{path}, line {lineno}: the header is repeated inside the data (concatenated files?)")
+      raise DataError(f"{path}, line {lineno}: expected {n_cols} tab-separated fields ({header}), got "
+                      f"{len(fields)}")
+    if line == header_line:
+      raise DataError(f"{path}, line {lineno}: the header is repeated inside the data (concatenated files?)")
+    rows.append(fields)
+    line_numbers.append(lineno)
+  if not rows:
+    raise DataError(f"{path}: no interactions after the header")
+  line_numbers = np.asarray(line_numbers)
+  parsed = [
+      _parse_int_column([r[c] for r in rows], path, name, line_numbers)
+      for c, name in zip(cols, (user_field, item_field, split_field))
+  ]
+  users, items, splits = parsed
+  bad = np.flatnonzero((splits < 0) | (splits > 2))
+  if bad.size:
+    raise DataError(f"{path}, line {line_numbers[bad[0]]}: field {split_field!r} must be 0 (train), 1 (valid) or "
+                    f"2 (test), got {splits[bad[0]]}")
+  return users, items, splits
+
+
+def load_features(path: str, n_items: int) -> np.ndarray:
+  """Loads an item feature matrix and checks it: `[n_items, d]`, finite, numeric. Returns float32."""
+  if not os.path.isfile(path):
+    raise DataError(f"feature file not found: {path}. {_WHERE_DATA_COMES_FROM}")
+  try:
+    array = np.load(path, allow_pickle=False)
+  except Exception as e:  # numpy raises several types for a corrupt file
+    raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+  if array.ndim != 2:
+    raise DataError(f"{path}: expected a 2-D [n_items, dim] matrix, got shape {array.shape}")
+  if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    raise DataError(f"{path}: expected a numeric matrix, got dtype {array.dtype}")
+  if array.shape[0] < n_items:
+    raise DataError(f"{path}: has {array.shape[0]} rows but the interactions use itemID up to {n_items - 1} "
+                    f"(row i must hold itemID i): ids beyond the feature rows")
+  if array.shape[0] != n_items:
+    raise DataError(f"{path}: has {array.shape[0]} rows but the dataset has {n_items} items (max itemID + 1); "
+                    f"feature rows must match the item count")
+  array = array.astype(np.float32)
+  finite = np.isfinite(array)
+  if not finite.all():
+    row, col = np.argwhere(~finite)[0]
+    n_bad = int((~finite.all(axis=1)).sum())
+    raise DataError(f"{path}: row {row} (itemID {row}), column {col} is {array[row, col]}; {n_bad} row(s) hold "
+                    f"NaN/Inf values")
+  return array
+
+
+def _resolve(root: str, name: str) -> str:
+  return name if os.path.isabs(name) else os.path.join(root, name)
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
+  """Loads the dataset that `config.data` describes (see configs/base.py)."""
+  root = os.path.expanduser(data_config.root)
+  if data_config.get("synthetic", False):
+    from alignrec_jax.data import synthetic  # imported lazily: only the default data needs it
+    synthetic.ensure_synthetic_dataset(root)
+  if not data_config.name:
+    raise ValueError("config.data.name is empty: set it to the dataset name (the .inter file is <root>/<name>.inter)")
+  inter_path = _resolve(root, data_config.inter_file or f"{data_config.name}.inter")
+  users, items, splits = read_inter(inter_path, data_config.user_field, data_config.item_field,
+                                    data_config.split_field)
+  n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+  pairs = np.stack([users, items], axis=1).astype(np.int32)
+  train = pairs[splits == 0]
+  if not len(train):
+    raise DataError(f"{inter_path}: the train split ({data_config.split_field} == 0) is empty")
+  held_out = {}
+  train_users = np.zeros(n_users, bool)
+  train_users[train[:, 0]] = True
+  for label, name in ((1, "valid"), (2, "test")):
+    rows = pairs[splits == label]
+    if data_config.filter_cold_start:
+      rows = rows[train_users[rows[:, 0]]]
+    if not len(rows):
+      raise DataError(f"{inter_path}: the {name} split ({data_config.split_field} == {label}) is empty"
+                      + (" after dropping users without train interactions" if data_config.filter_cold_start else ""))
+    held_out[name] = rows
+
+  features = {}
+  if data_config.get("features_from", ""):
+    from alignrec_jax.train import bridge  # stage-1 output, restored from its orbax checkpoint
+    features["image"] = bridge.load_feature_table(os.path.expanduser(data_config.features_from), n_items,
+                                                  variant=data_config.get("features_variant", "full"))
+  elif data_config.image_feat:
+    features["image"] = load_features(_resolve(root, data_config.image_feat), n_items)
+  if data_config.text_feat:
+    features["text"] = load_features(_resolve(root, data_config.text_feat), n_items)
+  return RecData(name=data_config.name, n_users=n_users, n_items=n_items, train=train, valid=held_out["valid"],
+                 test=held_out["test"], features=features)
+
+
+def write_inter(path: str, pairs_by_split: Mapping[str, np.ndarray]) -> None:
+  """Writes `(user, item)` pairs per split as an MMRec `.inter` file (atomically). Used for generated data."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("userID\titemID\tx_label\n")
+    for label, name in enumerate(SPLITS):
+      for u, i in np.asarray(pairs_by_split[name]).reshape(-1, 2):
+        f.write(f"{u}\t{i}\t{label}\n")
+  os.replace(tmp, path)

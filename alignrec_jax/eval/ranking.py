@@ -1,0 +1,214 @@
+"""Full-ranking evaluation, computed exactly as the MMRec toolbox does (spec alignrec.md §8).
+
+For every user of the valid (or test) split, all items are scored, the user's *train* items are masked (and nothing
+else: valid items stay candidates when testing, as in MMRec), and the top max(K) items are kept. Then, with
+hit_k = 1 if the item at rank k is one of the user's held-out items G_u:
+
+  Recall@K    = sum_{k<=K} hit_k / |G_u|
+  Precision@K = sum_{k<=K} hit_k / K
+  NDCG@K      = [sum_{k<=K} hit_k / log2(k+1)] / [sum_{k=1}^{min(|G_u|,K)} 1 / log2(k+1)]
+  MAP@K       = [sum_{k<=K} (sum_{j<=k} hit_j / k) hit_k] / min(|G_u|, K)
+
+averaged over users and, as MMRec prints them, rounded to 4 decimals (`round_digits=None` keeps full precision).
+
+Scoring and top-k run jitted in fixed-size user batches on the accelerator; only the top-k indices come back to the
+host, where the metrics are computed in numpy.
+
+Popularity groups (long-tail analysis): `item_groups` maps a group name to its item ids. A group's metrics count only
+the hits on that group's items in the outer sums above, with every other term unchanged, so the groups' values add
+up to the overall value (before rounding) and read as "the share of Recall@20 earned on tail items".
+"""
+
+import dataclasses
+import functools
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignrec_jax.data.mmrec import RecData, interactions_to_csr
+
+METRICS = ("recall", "ndcg", "precision", "map")
+_MAX_SCORE_ELEMENTS = 1 << 26  # user batch x n_items cap (256 MB of float32 scores) for big catalogues
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+  """What evaluating one split needs, prepared once.
+
+  users: [n_eval] int32, the unique users of the split (ascending).
+  mask_indptr, mask_items: CSR over `users` of the train items to mask.
+  truth_indptr, truth_items: CSR over `users` of the held-out items G_u (sorted, de-duplicated).
+  n_items: catalogue size.
+  """
+  name: str
+  users: np.ndarray
+  mask_indptr: np.ndarray
+  mask_items: np.ndarray
+  truth_indptr: np.ndarray
+  truth_items: np.ndarray
+  n_items: int
+
+  @property
+  def truth_len(self) -> np.ndarray:
+    return np.diff(self.truth_indptr)
+
+
+def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Sub-CSR of the given rows."""
+  starts, ends = indptr[rows], indptr[rows + 1]
+  lengths = ends - starts
+  new_indptr = np.zeros(len(rows) + 1, np.int64)
+  np.cumsum(lengths, out=new_indptr[1:])
+  gather = np.repeat(starts - new_indptr[:-1], lengths) + np.arange(new_indptr[-1])
+  return new_indptr, indices[gather]
+
+
+def make_eval_split(data: RecData, split: str) -> EvalSplit:
+  """Prepares the valid or test split of `data` for full-ranking evaluation."""
+  if split not in ("valid", "test"):
+    raise ValueError(f"can only evaluate the 'valid' or 'test' split, not {split!r}")
+  pairs = np.unique(data.split(split), axis=0)  # G_u is a set, as in MMRec
+  users = np.unique(pairs[:, 0]).astype(np.int32)
+  truth_indptr_all, truth_all = interactions_to_csr(pairs, data.n_users)
+  truth_indptr, truth_items = _csr_rows(truth_indptr_all, truth_all, users)
+  train_indptr, train_items = data.train_csr()
+  mask_indptr, mask_items = _csr_rows(train_indptr, train_items, users)
+  return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, data.n_items)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _masked_topk(user_emb: jax.Array, item_emb: jax.Array, users: jax.Array, mask_rows: jax.Array,
+                 mask_cols: jax.Array, k: int) -> jax.Array:
+  """Top-k item ids of `user_emb[users] @ item_emb.T` with (mask_rows, mask_cols) set to -inf.
+
+  Padding entries of the mask use row index len(users) and are dropped by the scatter.
+  """
+  scores = user_emb[users] @ item_emb.T
+  scores = scores.at[mask_rows, mask_cols].set(-jnp.inf, mode="drop")
+  return jax.lax.top_k(scores, k)[1]
+
+
+def _bucket(n: int, minimum: int = 1024) -> int:
+  """Next power of two >= n, so that mask sizes reuse a handful of compiled shapes."""
+  return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def topk_items(user_emb, item_emb, split: EvalSplit, k: int = 50, batch_users: int = 4096) -> np.ndarray:
+  """[n_eval, k] item ids ranked by `user_emb @ item_emb.T` for the split's users, train items masked.
+
+  Args:
+    user_emb: [n_users, d] representations indexed by user id (all users).
+    item_emb: [n_items, d].
+  """
+  if item_emb.shape[0] != split.n_items:
+    raise ValueError(f"item_emb has {item_emb.shape[0]} rows, the dataset has {split.n_items} items")
+  k = min(k, split.n_items)
+  user_emb, item_emb = jnp.asarray(user_emb), jnp.asarray(item_emb)
+  batch = max(1, min(batch_users, _MAX_SCORE_ELEMENTS // max(1, split.n_items), len(split.users)))
+  out = []
+  for start in range(0, len(split.users), batch):
+    users = split.users[start:start + batch]
+    n = len(users)
+    lo, hi = split.mask_indptr[start], split.mask_indptr[start + n]
+    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(split.mask_indptr[start:start + n + 1]))
+    cols = split.mask_items[lo:hi]
+    size = _bucket(len(cols))
+    mask_rows = np.full(size, batch, np.int32)  # out-of-range row: dropped
+    mask_cols = np.zeros(size, np.int32)
+    mask_rows[:len(rows)], mask_cols[:len(cols)] = rows, cols
+    padded_users = np.zeros(batch, np.int32)
+    padded_users[:n] = users
+    idx = _masked_topk(user_emb, item_emb, padded_users, mask_rows, mask_cols, k)
+    out.append(np.asarray(idx)[:n])
+  return np.concatenate(out, axis=0)
+
+
+def hits_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:
+  """[n_eval, k] bool: is the item at rank k one of the user's held-out items."""
+  n_eval, k = topk.shape
+  row_of_truth = np.repeat(np.arange(n_eval, dtype=np.int64), split.truth_len)
+  truth_keys = row_of_truth * split.n_items + split.truth_items
+  topk_keys = np.arange(n_eval, dtype=np.int64)[:, None] * split.n_items + topk
+  return np.isin(topk_keys, truth_keys)
+
+
+def _metric_curves(hits: np.ndarray, outer_hits: np.ndarray, truth_len: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-rank metric curves [max_k] averaged over users. `outer_hits` are the hits counted in the outer sums."""
+  max_k = hits.shape[1]
+  ranks = np.arange(1, max_k + 1, dtype=np.float64)
+  outer = outer_hits.astype(np.float64)
+  capped = np.minimum(truth_len[:, None], ranks[None, :])  # min(|G_u|, K)
+  discount = 1.0 / np.log2(ranks + 1.0)
+  idcg_prefix = np.concatenate([[0.0], np.cumsum(discount)])
+  idcg = idcg_prefix[capped.astype(np.int64)]
+  precision_at = np.cumsum(hits, axis=1) / ranks  # sum_{j<=k} hit_j / k: uses every hit
+  curves = {
+      "recall": np.cumsum(outer, axis=1) / truth_len[:, None],
+      "precision": np.cumsum(outer, axis=1) / ranks,
+      "ndcg": np.cumsum(outer * discount, axis=1) / idcg,
+      "map": np.cumsum(precision_at * outer, axis=1) / capped,
+  }
+  return {name: curve.mean(axis=0) for name, curve in curves.items()}
+
+
+def _select(curves: Mapping[str, np.ndarray], topk: Sequence[int], metrics: Sequence[str],
+            round_digits: Optional[int]) -> dict[str, float]:
+  out = {}
+  for metric in metrics:
+    if metric not in curves:
+      raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
+    for k in topk:
+      value = float(curves[metric][k - 1])
+      out[f"{metric}@{k}"] = round(value, round_digits) if round_digits is not None else value
+  return out
+
+
+def metrics_from_topk(topk_ids: np.ndarray, split: EvalSplit, topk: Sequence[int] = (5, 10, 20, 50),
+                      metrics: Sequence[str] = METRICS, round_digits: Optional[int] = 4,
+                      item_groups: Optional[Mapping[str, np.ndarray]] = None) -> dict:
+  """MMRec metrics from ranked item ids `[n_eval, >= max(topk)]`.
+
+  Returns {"recall@20": ..., ...}; with `item_groups`, also {"groups": {name: {"recall@20": ...}}}.
+  """
+  if max(topk) > topk_ids.shape[1]:
+    raise ValueError(f"asked for K={max(topk)} but only {topk_ids.shape[1]} ranked items were given")
+  topk_ids = topk_ids[:, :max(topk)]
+  hits = hits_matrix(topk_ids, split)
+  truth_len = split.truth_len.astype(np.float64)
+  result = _select(_metric_curves(hits, hits, truth_len), topk, metrics, round_digits)
+  if item_groups:
+    result["groups"] = {}
+    for name, items in item_groups.items():
+      in_group = np.zeros(split.n_items, bool)
+      in_group[np.asarray(items, dtype=np.int64)] = True
+      curves = _metric_curves(hits, hits & in_group[topk_ids], truth_len)
+      result["groups"][name] = _select(curves, topk, metrics, round_digits)
+  return result
+
+
+def evaluate(user_emb, item_emb, split: EvalSplit, topk: Sequence[int] = (5, 10, 20, 50), batch_users: int = 4096,
+             item_groups: Optional[Mapping[str, np.ndarray]] = None, metrics: Sequence[str] = METRICS,
+             round_digits: Optional[int] = 4) -> dict:
+  """Full-ranking metrics of the scores `user_emb @ item_emb.T` on one split (see the module docstring)."""
+  ranked = topk_items(user_emb, item_emb, split, k=max(topk), batch_users=batch_users)
+  return metrics_from_topk(ranked, split, topk, metrics, round_digits, item_groups)
+
+
+def popularity_groups(data: RecData, head_fractions: Sequence[float] = (0.2,)) -> dict[str, np.ndarray]:
+  """Item groups by train popularity: `(0.2,)` -> head (top 20% of items) and tail (the other 80%).
+
+  Several fractions give consecutive bands, e.g. (0.2, 0.4, 0.6, 0.8) -> popularity quintiles "q1" (most popular)
+  to "q5". Ties are broken by item id so that the groups are deterministic.
+  """
+  fractions = sorted(float(f) for f in head_fractions)
+  if not fractions or fractions[0] <= 0 or fractions[-1] >= 1:
+    raise ValueError(f"popularity group fractions must lie strictly between 0 and 1, got {tuple(head_fractions)}")
+  popularity = data.item_popularity()
+  order = np.lexsort((np.arange(data.n_items), -popularity))  # most popular first
+  cuts = [0] + [int(round(f * data.n_items)) for f in fractions] + [data.n_items]
+  bands = [np.sort(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+  if len(bands) == 2:
+    return {"head": bands[0], "tail": bands[1]}
+  return {f"q{i + 1}": band for i, band in enumerate(bands)}
