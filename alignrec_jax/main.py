@@ -1,0 +1,137 @@
+"""Command-line entry point.
+
+  python -m alignrec_jax.main --config=configs/default.py --workdir=/tmp/alignrec
+  python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k --config.optim.lr=5e-4
+
+`config.stage` picks the work:
+  pretrain  stage 1: ICA pre-training of MMEnc on the items' images and texts
+  extract   stage 1: run MMEnc over every item, write the feature table into the workdir
+  train     stage 2: CCA + UIA training of the recommender, early stopping, test at the best valid epoch
+  all       pretrain, extract, then train on the extracted features (each step skips work already done)
+  probe     the paper's intermediate evaluations of one or more feature tables
+
+An unknown `--config.*` key is an error. Results go to `<workdir>/results.json`; rerunning the same command in the
+same workdir resumes from the latest checkpoint.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+STAGES = ("pretrain", "extract", "train", "all", "probe")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialise_jax(config) -> None:
+  """Process-level JAX set-up: the persistent compilation cache (cuts the start-up of repeated runs)."""
+  import jax  # imported here so that --help stays fast
+  cache = os.environ.get("ALIGNREC_JAX_CACHE",
+                         os.path.join(os.path.expanduser("~"), ".cache", "alignrec_jax", "jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  logging.info("JAX %s, backend %s, %d local device(s): %s", jax.__version__, jax.default_backend(),
+               jax.local_device_count(), jax.local_devices())
+  del config
+
+
+def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "map")) -> str:
+  """The final metrics as a fixed-width table: one row per split, one column per metric@K."""
+  splits = [s for s in ("valid", "test") if isinstance(results.get(s), dict)]
+  if not splits:
+    return ""
+  columns = [c for c in results[splits[0]] if c.split("@")[0] in keys]
+  width = max(11, *(len(c) + 1 for c in columns))
+  lines = ["split".ljust(7) + "".join(c.rjust(width) for c in columns)]
+  for split in splits:
+    lines.append(split.ljust(7) + "".join(f"{results[split].get(c, float('nan')):{width}.4f}" for c in columns))
+  return "\n".join(lines)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs `config.stage` in `workdir` and returns the results dict (also in <workdir>/results.json)."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
+  os.makedirs(workdir, exist_ok=True)
+  _initialise_jax(config)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  if config.stage in ("pretrain", "extract", "all"):
+    from alignrec_jax.train import pretrain
+    if config.stage in ("pretrain", "all"):
+      pretrain.pretrain(config, workdir)
+    if config.stage in ("extract", "all"):
+      pretrain.extract(config, workdir)
+    if config.stage != "all":
+      return {}
+    with config.unlocked():
+      config.data.features_from = workdir  # stage 2 trains on what stage 1 just wrote
+  if config.stage == "probe":
+    from alignrec_jax.eval import probes
+    return probes.run(config, workdir)
+  from alignrec_jax.train import recommend
+  return recommend.run(config, workdir)
+
+
+def _unknown_override(argv) -> str:
+  """The first `--config.a.b=...` override whose key the config file does not define ('' if none)."""
+  import importlib.util
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    return ""
+  spec = importlib.util.spec_from_file_location("_alignrec_config", path.split(":", 1)[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    node = config
+    for i, part in enumerate(key.split(".")):
+      if not hasattr(node, "keys") or part not in node.keys():
+        parent = ".".join(key.split(".")[:i]) or "config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+        return f"unknown config key 'config.{key}' in {arg!r}: {parent} has no {part!r} (known: {known})"
+      node = node[part]
+  return ""
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns an unknown --config.* key into a one-line error instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, flags.IllegalFlagValueError) as e:
+    try:
+      reason = _unknown_override(argv)
+    except Exception:  # the config file itself is broken: report the original error
+      reason = ""
+    sys.exit(f"error: {reason or e}")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = os.path.expanduser(_WORKDIR.value)
+  results = run(config, workdir)
+  table = format_metrics_table(results)
+  if table:
+    best = results.get("best_epoch")
+    print(f"\nbest epoch {best} (selected on valid {config.eval.valid_metric})\n{table}")
+  if results:
+    print(f"results: {os.path.join(workdir, 'results.json')}")
+    sys.stdout.flush()
+  logging.info("results: %s", json.dumps({k: results[k] for k in ("best_epoch", "test") if k in results}))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

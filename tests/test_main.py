@@ -1,0 +1,45 @@
+"""The command line: unknown config keys and bad stages fail clearly; the metrics table prints."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignrec_jax import main as cli
+from tests.conftest import REPO_ROOT
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "alignrec_jax.main", *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.nope=1", "unknown config key 'config.optim.nope' in '--config.optim.nope=1': optim has no 'nope'"),
+    ("--config.optm.lr=1", "config has no 'optm' (known: data, eval,"),
+    ("--config.optim.lr=abc", "could not convert string to float: 'abc'"),
+])
+def test_bad_overrides_fail_with_one_line(tmp_path, override, message):
+  proc = _run_cli("--config=configs/default.py", f"--workdir={tmp_path}", override)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_unknown_stage(tmp_path):
+  from configs import default
+  config = default.get_config()
+  config.stage = "finetune"
+  with pytest.raises(ValueError, match="config.stage='finetune' is not one of"):
+    cli.run(config, str(tmp_path))
+
+
+def test_metrics_table():
+  results = {"best_epoch": 3, "valid": {"recall@10": 0.1, "recall@20": 0.2}, "test": {"recall@10": 0.15,
+                                                                                       "recall@20": 0.25}}
+  table = cli.format_metrics_table(results).splitlines()
+  assert table[0].split() == ["split", "recall@10", "recall@20"]
+  assert table[2].split() == ["test", "0.1500", "0.2500"]
