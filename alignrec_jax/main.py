@@ -27,6 +27,10 @@ STAGES = ("pretrain", "extract", "train", "all", "probe")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-process runs: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,8 +65,10 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
   os.makedirs(workdir, exist_ok=True)
   _initialise_jax(config)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  import jax
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   if config.stage in ("pretrain", "extract", "all"):
     from alignrec_jax.train import pretrain
@@ -120,6 +126,8 @@ def parse_flags(argv):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from alignrec_jax.train import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
   results = run(config, workdir)

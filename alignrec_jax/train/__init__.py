@@ -1,0 +1,2 @@
+"""Training: stage 1 (pretrain.py), stage 2 (recommend.py), checkpoints (state.py), the stage-1 -> stage-2 bridge
+(bridge.py), data parallelism (parallel.py) and the multi-process runtime (distributed.py)."""

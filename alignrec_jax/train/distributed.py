@@ -1,0 +1,55 @@
+"""JAX's multi-controller runtime (`jax.distributed`): one process per host (or per GPU), all devices in one mesh.
+
+A single process does nothing here. A multi-process launch is recognised from explicit flags
+(`--coordinator_address`, `--num_processes`, `--process_id`), from `JAX_COORDINATOR_ADDRESS` /
+`JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or from the cluster's own environment (Slurm with several tasks, Cloud TPU
+VMs with several workers), in which case `jax.distributed.initialize()` reads the cluster's variables itself.
+"""
+
+import os
+from typing import Optional
+
+from absl import logging
+
+
+def _cluster_wants_distributed(environ) -> bool:
+  """True under a launcher that starts several cooperating processes (Slurm tasks, multi-worker TPU VMs)."""
+  if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+    return True
+  workers = environ.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in workers
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, environ=None) -> bool:
+  """Starts `jax.distributed` when this is one process of several; returns whether it did.
+
+  Must run before any JAX computation (JAX's own rule).
+  """
+  environ = os.environ if environ is None else environ
+  coordinator_address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None and environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(environ["JAX_NUM_PROCESSES"])
+  if process_id is None and environ.get("JAX_PROCESS_ID"):
+    process_id = int(environ["JAX_PROCESS_ID"])
+  import jax
+  if coordinator_address or (num_processes or 1) > 1:
+    if not (coordinator_address and num_processes and process_id is not None):
+      raise ValueError("a multi-process run needs all of --coordinator_address (host:port), --num_processes and "
+                       f"--process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must lie in [0, {num_processes})")
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+  elif _cluster_wants_distributed(environ):
+    jax.distributed.initialize()  # the cluster's environment names the coordinator and this process
+  else:
+    return False
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes logs, results and non-orbax files."""
+  import jax
+  return jax.process_index() == 0
