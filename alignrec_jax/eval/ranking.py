@@ -23,6 +23,7 @@ import dataclasses
 import functools
 from typing import Mapping, Optional, Sequence
 
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,8 +79,7 @@ def make_eval_split(data: RecData, split: str) -> EvalSplit:
   return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, data.n_items)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _masked_topk(user_emb: jax.Array, item_emb: jax.Array, users: jax.Array, mask_rows: jax.Array,
+def _masked_topk_fn(user_emb: jax.Array, item_emb: jax.Array, users: jax.Array, mask_rows: jax.Array,
                  mask_cols: jax.Array, k: int) -> jax.Array:
   """Top-k item ids of `user_emb[users] @ item_emb.T` with (mask_rows, mask_cols) set to -inf.
 
@@ -90,39 +90,89 @@ def _masked_topk(user_emb: jax.Array, item_emb: jax.Array, users: jax.Array, mas
   return jax.lax.top_k(scores, k)[1]
 
 
+_masked_topk = jax.jit(_masked_topk_fn, static_argnames=("k",))
+
+
+# The same function on every local device, each on its own slice of users (embeddings replicated).
+_masked_topk_pmap = jax.pmap(_masked_topk_fn, in_axes=(0, 0, 0, 0, 0, None), static_broadcasted_argnums=(5,))
+
+
 def _bucket(n: int, minimum: int = 1024) -> int:
   """Next power of two >= n, so that mask sizes reuse a handful of compiled shapes."""
   return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
-def topk_items(user_emb, item_emb, split: EvalSplit, k: int = 50, batch_users: int = 4096) -> np.ndarray:
+def _batch_masks(split: EvalSplit, start: int, n: int, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Padded (users [batch], mask_rows [size], mask_cols [size]) for split users start..start+n (batch-local rows)."""
+  lo, hi = split.mask_indptr[start], split.mask_indptr[start + n]
+  size = _bucket(hi - lo)
+  mask_rows = np.full(size, batch, np.int32)  # out-of-range row: dropped by the scatter
+  mask_cols = np.zeros(size, np.int32)
+  mask_rows[:hi - lo] = np.repeat(np.arange(n, dtype=np.int32), np.diff(split.mask_indptr[start:start + n + 1]))
+  mask_cols[:hi - lo] = split.mask_items[lo:hi]
+  users = np.zeros(batch, np.int32)
+  users[:n] = split.users[start:start + n]
+  return users, mask_rows, mask_cols
+
+
+def _local_topk(user_emb, item_emb, split: EvalSplit, lo: int, hi: int, k: int, batch_users: int,
+                n_dev: int) -> np.ndarray:
+  """Top-k of split users lo..hi on the first `n_dev` local devices (a pmap over them when there are several)."""
+  per_device = max(1, min(batch_users, _MAX_SCORE_ELEMENTS // max(1, split.n_items)) // n_dev)
+  per_device = min(per_device, -(-(hi - lo) // n_dev)) if hi > lo else 1
+  out = []
+  if n_dev == 1:
+    user_emb, item_emb = jnp.asarray(user_emb), jnp.asarray(item_emb)
+    for start in range(lo, hi, per_device):
+      n = min(per_device, hi - start)
+      users, rows, cols = _batch_masks(split, start, n, per_device)
+      out.append(np.asarray(_masked_topk(user_emb, item_emb, users, rows, cols, k))[:n])
+  else:
+    user_emb, item_emb = flax.jax_utils.replicate((jnp.asarray(user_emb), jnp.asarray(item_emb)),
+                                                  jax.local_devices()[:n_dev])
+    for start in range(lo, hi, per_device * n_dev):
+      chunks = [(s, min(per_device, hi - s)) for s in range(start, start + per_device * n_dev, per_device)]
+      parts = [_batch_masks(split, s, max(n, 0), per_device) if n > 0 else
+               (np.zeros(per_device, np.int32), np.full(1024, per_device, np.int32), np.zeros(1024, np.int32))
+               for s, n in chunks]
+      size = max(p[1].size for p in parts)
+      pad = lambda a, fill: np.concatenate([a, np.full(size - a.size, fill, np.int32)])
+      users = np.stack([p[0] for p in parts])
+      rows = np.stack([pad(p[1], per_device) for p in parts])
+      cols = np.stack([pad(p[2], 0) for p in parts])
+      idx = np.asarray(_masked_topk_pmap(user_emb, item_emb, users, rows, cols, k))
+      out.extend(idx[d, :n] for d, (_, n) in enumerate(chunks) if n > 0)
+  return np.concatenate(out, axis=0) if out else np.zeros((0, k), np.int32)
+
+
+def topk_items(user_emb, item_emb, split: EvalSplit, k: int = 50, batch_users: int = 4096,
+               num_devices: int = 0) -> np.ndarray:
   """[n_eval, k] item ids ranked by `user_emb @ item_emb.T` for the split's users, train items masked.
+
+  The users are sharded over every device: across processes (contiguous blocks, gathered back so that every
+  process returns the whole ranking) and, within a process, over its local devices with pmap.
 
   Args:
     user_emb: [n_users, d] representations indexed by user id (all users).
     item_emb: [n_items, d].
+    num_devices: local devices to use (0 = all).
   """
+  n_dev = num_devices or jax.local_device_count()
   if item_emb.shape[0] != split.n_items:
     raise ValueError(f"item_emb has {item_emb.shape[0]} rows, the dataset has {split.n_items} items")
   k = min(k, split.n_items)
-  user_emb, item_emb = jnp.asarray(user_emb), jnp.asarray(item_emb)
-  batch = max(1, min(batch_users, _MAX_SCORE_ELEMENTS // max(1, split.n_items), len(split.users)))
-  out = []
-  for start in range(0, len(split.users), batch):
-    users = split.users[start:start + batch]
-    n = len(users)
-    lo, hi = split.mask_indptr[start], split.mask_indptr[start + n]
-    rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(split.mask_indptr[start:start + n + 1]))
-    cols = split.mask_items[lo:hi]
-    size = _bucket(len(cols))
-    mask_rows = np.full(size, batch, np.int32)  # out-of-range row: dropped
-    mask_cols = np.zeros(size, np.int32)
-    mask_rows[:len(rows)], mask_cols[:len(cols)] = rows, cols
-    padded_users = np.zeros(batch, np.int32)
-    padded_users[:n] = users
-    idx = _masked_topk(user_emb, item_emb, padded_users, mask_rows, mask_cols, k)
-    out.append(np.asarray(idx)[:n])
-  return np.concatenate(out, axis=0)
+  n_eval = len(split.users)
+  n_proc = jax.process_count()
+  if n_proc == 1:
+    return _local_topk(user_emb, item_emb, split, 0, n_eval, k, batch_users, n_dev)
+  from jax.experimental import multihost_utils
+  block = -(-n_eval // n_proc)
+  lo = min(n_eval, jax.process_index() * block)
+  hi = min(n_eval, lo + block)
+  local = np.zeros((block, k), np.int32)
+  local[:hi - lo] = _local_topk(user_emb, item_emb, split, lo, hi, k, batch_users, n_dev)
+  gathered = np.asarray(multihost_utils.process_allgather(local))  # [n_proc, block, k]
+  return gathered.reshape(-1, k)[:n_eval]
 
 
 def hits_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:

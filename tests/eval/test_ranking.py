@@ -139,3 +139,18 @@ def test_bad_arguments():
     ranking.topk_items(np.ones((1, 2)), np.ones((2, 2)), split, k=1)
   with pytest.raises(ValueError, match="fractions"):
     ranking.popularity_groups(data, (1.5,))
+
+
+def test_sharding_over_devices_gives_the_same_ranking():
+  import jax
+  rng = np.random.default_rng(3)
+  n_users, n_items = 37, 90
+  pairs = np.unique(np.stack([rng.integers(0, n_users, 900), rng.integers(0, n_items, 900)], 1), axis=0)
+  labels = rng.choice(3, len(pairs), p=[0.7, 0.15, 0.15])
+  data = _data(n_users, n_items, pairs[labels == 0], pairs[labels == 2], pairs[labels == 1])
+  split = ranking.make_eval_split(data, "test")
+  user_emb, item_emb = rng.normal(size=(n_users, 5)), rng.normal(size=(n_items, 5))
+  one = ranking.topk_items(user_emb, item_emb, split, k=20, batch_users=8, num_devices=1)
+  for n_dev in range(2, jax.local_device_count() + 1):
+    np.testing.assert_array_equal(
+        ranking.topk_items(user_emb, item_emb, split, k=20, batch_users=8, num_devices=n_dev), one)
