@@ -1,0 +1,69 @@
+"""Content-Category Alignment losses (spec alignrec.md §5.5): InfoNCE and the similarity-preserving loss.
+
+Both compare each of this shard's rows with ALL rows of the whole batch (in-batch negatives / the B x B similarity
+matrix), so they take the shard's rows (`*_local`, [b, d]) and the whole batch's rows (`*_all`, [B, d]) with their
+weights; without data parallelism both are the same batch.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch.nn.functional.normalize: x / max(‖x‖, eps), row-wise."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def info_nce(view1_local: jax.Array, view2_all: jax.Array, positive: jax.Array, weight_local: jax.Array,
+             weight_all: jax.Array, n_real, temperature: float = 0.2) -> jax.Array:
+  """One-direction in-batch InfoNCE, (1/B) sum_b -log[exp(c_bb/τ) / sum_b' exp(c_bb'/τ)], c = cosine.
+
+  The denominator includes the positive; duplicates in the batch are not removed (as the reference).
+
+  Args:
+    view1_local: [b, d] anchors (this shard's rows of view 1).
+    view2_all: [B, d] view 2 of the whole batch; row `positive[r]` is anchor r's positive.
+    positive: [b] int32 index of each anchor's own row in the whole batch.
+    weight_local: [b] 1/0 real-row mask of the anchors; weight_all: [B] the same for the candidates.
+    n_real: number of real rows in the whole batch.
+  """
+  a, b = _normalize(view1_local), _normalize(view2_all)
+  logits = (a @ b.T) / temperature  # [b, B]
+  logits = jnp.where(weight_all[None, :] > 0, logits, -jnp.inf)  # padding rows are not candidates
+  pos_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  per_row = jax.nn.logsumexp(logits, axis=1) - pos_logit
+  per_row = jnp.where(weight_local > 0, per_row, 0.0)
+  return jnp.sum(weight_local * per_row) / n_real
+
+
+def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[n, d] x [m, d] -> [n, m] cosine similarities (the reference's build_sim: x / ‖x‖, no epsilon)."""
+  return (a / jnp.linalg.norm(a, axis=-1, keepdims=True)) @ (b / jnp.linalg.norm(b, axis=-1, keepdims=True)).T
+
+
+def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: jax.Array, feat_all: jax.Array,
+                          weight_local: jax.Array, weight_all: jax.Array, n_real,
+                          axis_name: Optional[str] = None) -> jax.Array:
+  """‖ E Eᵀ − sg(cos(F, F)) ‖_F / B over the whole batch's real rows: a raw dot product on the left, cosine of
+  the feature rows on the right (stop-gradient), the norm NOT squared (the reference's EmbLoss).
+
+  emb_*: [b|B, d] content-view item embeddings of the batch's positive items; feat_*: [b|B, d_f] their feature rows.
+  The norm needs the squared sum over ALL rows, so with `axis_name` the shards' sums are `psum`med; each shard
+  returns value sqrt(S)/(B · n_shards) plus a zero-valued term whose gradient is its exact share,
+  d(sqrt S)/B = dS_shard / (2 sqrt(S) B), so both the values and the gradients add up across shards.
+  """
+  target = jax.lax.stop_gradient(cosine_matrix(feat_local, feat_all))
+  diff = emb_local @ emb_all.T - target  # [b, B]
+  mask = weight_local[:, None] * weight_all[None, :]
+  sq_local = jnp.sum(mask * diff * diff)
+  sq_total = jax.lax.stop_gradient(sq_local)
+  n_shards = 1
+  if axis_name is not None:
+    sq_total = jax.lax.psum(sq_total, axis_name)
+    n_shards = jax.lax.psum(1, axis_name)
+  norm = jnp.sqrt(sq_total)
+  safe = jnp.where(norm > 0, norm, 1.0)
+  grad_share = jnp.where(norm > 0, (sq_local - jax.lax.stop_gradient(sq_local)) / (2.0 * safe), 0.0)
+  return (norm / n_shards + grad_share) / n_real
