@@ -1,0 +1,89 @@
+"""VBPR: BPR matrix factorisation whose item factor is extended by a linear projection of the item's content.
+
+Paper: R. He, J. McAuley, "VBPR: Visual Bayesian Personalized Ranking from Implicit Feedback", AAAI 2016.
+Reference implementation: MMRec, src/models/vbpr.py and src/configs/model/VBPR.yaml (github.com/enoche/MMRec);
+the learning-rate grid of the AlignRec authors' VBPR.yaml (github.com/sjtulyf123/AlignRec_CIKM24).
+
+  F = concat(text, image) features (MMRec's order; whichever slots are present), a constant [I, d_f]
+  h_u = P_u [U, 2d] (Xavier-uniform),  h_i = concat(Q_i [I, d] (Xavier-uniform), F W + b [I, d])
+  W: Xavier-normal, b = 0 (MMRec's xavier_normal_initialization of the Linear)
+  L = -(1/B) sum_b log(1e-10 + sigmoid(<h_u, h_p> - <h_u, h_n>)) + reg_weight * (‖h_u‖_F + ‖h_p‖_F + ‖h_n‖_F) / B
+As in MMRec, the visual bias terms of the paper are absent and the EmbLoss is on the full (ID + content) vectors.
+"""
+
+from typing import Optional
+
+from flax import struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alignrec_jax.models import register
+from alignrec_jax.models import baselines as B
+
+
+@struct.dataclass
+class VBPRInputs:
+  """features: [I, d_f] the raw content (text then image, concatenated), not trained."""
+  features: jax.Array
+  n_users: int = struct.field(pytree_node=False)
+
+
+class VBPRNet(nn.Module):
+  """Returns (h_u [U, 2d], h_i [I, 2d])."""
+  n_users: int
+  n_items: int
+  embedding_size: int
+
+  @nn.compact
+  def __call__(self, inputs: VBPRInputs) -> tuple[jax.Array, jax.Array]:
+    d = self.embedding_size
+    user = self.param("u_embedding", B.xavier_uniform, (self.n_users, 2 * d))
+    item_id = self.param("i_embedding", B.xavier_uniform, (self.n_items, d))
+    content = B.dense(d, inputs.features.shape[1], "item_linear", kernel="xavier_normal", bias="zeros")(
+        inputs.features)
+    return user, jnp.concatenate([item_id, content], axis=-1)
+
+
+@register("vbpr")
+class VBPR(B.Baseline):
+  """The model interface (alignrec_jax.models) for VBPR."""
+  name = "vbpr"
+
+  @staticmethod
+  def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"reg_weight": 1e-3})
+
+  @staticmethod
+  def hyper_grid() -> dict:
+    return {"optim.lr": [0.005, 0.001, 0.0005, 0.0001],
+            "model.vbpr.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
+
+  def build_inputs(self, data) -> VBPRInputs:
+    found = B.require_modalities(data, self.name)
+    ordered = sorted(found, key=lambda m: 0 if m[0] == "text" else 1)  # MMRec: torch.cat((t_feat, v_feat))
+    feats = np.concatenate([f for _, _, f in ordered], axis=1)
+    return VBPRInputs(features=jnp.asarray(feats), n_users=data.n_users)
+
+  def net(self, inputs: VBPRInputs) -> VBPRNet:
+    return VBPRNet(inputs.n_users, inputs.features.shape[0], self.hp.embedding_size)
+
+  def representations(self, params: dict, inputs: VBPRInputs) -> tuple[jax.Array, jax.Array]:
+    return self.forward(params, inputs)
+
+  def loss(self, params: dict, inputs: VBPRInputs, batch: dict,
+           axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
+    """This shard's share of the batch loss (module docstring). batch[*]: [b]."""
+    users, items = self.forward(params, inputs)
+    whole, _ = B.gather_batch(batch, axis_name)
+    w = batch["weight"].astype(jnp.float32)
+    n_real = B.real_rows(whole)
+    u, p, n = users[batch["users"]], items[batch["pos"]], items[batch["neg"]]
+    mf = B.mmrec_bpr(jnp.sum(u * p, -1), jnp.sum(u * n, -1), w, n_real)
+    w_all = whole["weight"].astype(jnp.float32)
+    reg = B.emb_loss([users[whole["users"]], items[whole["pos"]], items[whole["neg"]]], w_all, n_real)
+    reg = reg * B.share(w, n_real)
+    total = mf + self.hp.reg_weight * reg
+    return total, {"loss": total, "bpr": mf, "reg": reg}
