@@ -1,0 +1,227 @@
+"""Several recommenders × seeds under one protocol (same data, splits, sampler, trainer, evaluation) → one table.
+
+  python -m alignrec_jax.compare --config=configs/lfm2k.py \
+      --models=alignrec,lightgcn,vbpr,bm3,freedom,mgcn --seeds=3 --workdir=/tmp/compare_lfm2k
+  python -m alignrec_jax.compare --config=configs/lfm2k.py --models=lightgcn --grid --workdir=/tmp/grid_lfm2k
+
+Each run is `alignrec_jax.train.recommend.run` with config.model.name = <model> and config.seed = <seed> (seeds
+config.seed, config.seed + 1, ...), in <workdir>/<model>/seed<seed>/ (its results.json, checkpoints and the
+compare_run.json naming its model, seed and overrides). A run whose results.json exists is not trained again; an
+interrupted one resumes from its checkpoint. --config.* overrides apply to every model (a model's own
+hyper-parameters are --config.model.<name>.<key>).
+
+--grid first trains every combination of the model's hyper-parameter grid (its `hyper_grid()`; AlignRec's is
+spec alignrec.md §7, below) with the first seed, in <workdir>/<model>/grid/<i>/, and keeps the combination with the
+best VALID metric (--select_metric, default recall@20; the first one on ties); the test split plays no part in the
+choice. The seeds then run with that combination (the first seed's run is the grid run itself).
+
+Output: <workdir>/comparison.json
+  {"metrics": [...], "models": {name: {"seeds": [...], "overrides": {...}, "runs": {seed: {"workdir", "best_epoch",
+   "valid", "test"}}, "test": {metric: {"mean", "std", "values"}}, "valid": {...}, "grid": [...]}}}
+and <workdir>/comparison.md (mean ± sample std over seeds of test Recall/NDCG@10/20), also printed.
+"""
+
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+# AlignRec's grid (spec alignrec.md §7; its model file has no hyper_grid()): 7 x 5 x 5 = 175 runs.
+ALIGNREC_GRID = {"optim.lr": [0.005, 0.003, 0.001, 0.0007, 0.0005, 0.0003, 0.0001],
+                 "loss.cl_weight": [0.0001, 0.001, 0.005, 0.01, 0.1],
+                 "loss.sim_weight": [0.1, 0.2, 0.3, 0.4, 0.5]}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
+_MODELS = flags.DEFINE_list("models", ["alignrec", "lightgcn", "vbpr", "bm3", "freedom", "mgcn"],
+                            "Registered model names (config.model.name) to compare.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per model: config.seed, config.seed + 1, ...")
+_GRID = flags.DEFINE_bool("grid", False, "Select each model's hyper-parameters on its grid (valid metric) first.")
+_SELECT = flags.DEFINE_string("select_metric", "recall@20", "Valid metric that selects the grid combination.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def hyper_grid(model_name: str) -> dict:
+  """{dotted config key: [values]} of the model's grid ({} = only its defaults)."""
+  from alignrec_jax.models import get_model
+  cls = get_model(model_name)
+  if hasattr(cls, "hyper_grid"):
+    return dict(cls.hyper_grid())
+  if model_name == "alignrec":
+    return dict(ALIGNREC_GRID)
+  return {}
+
+
+def grid_combinations(grid: dict) -> list:
+  """Every combination of `grid` as a list of {key: value} dicts, in the grid's order (the last key varies fastest)."""
+  keys = list(grid)
+  return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def apply_overrides(config, model_name: str, seed: int, overrides: dict):
+  """A copy of `config` for one run: model name, seed and the dotted-key `overrides` (keys must exist)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.name = model_name
+    config.seed = int(seed)
+  for key, value in overrides.items():
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+      if part not in node:
+        raise ValueError(f"grid key {key!r}: config has no section {part!r}")
+      node = node[part]
+    if parts[-1] not in node:
+      raise ValueError(f"grid key {key!r}: config has no key {parts[-1]!r} (known: {sorted(node.keys())})")
+    current = node[parts[-1]]
+    node[parts[-1]] = float(value) if isinstance(current, float) else value
+  return config
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str) -> dict:
+  """results.json of one run, training it unless it is already there (then its recorded settings must match)."""
+  os.makedirs(workdir, exist_ok=True)
+  identity = {"model": model_name, "seed": int(seed), "overrides": overrides}
+  id_path = os.path.join(workdir, "compare_run.json")
+  if os.path.exists(id_path):
+    with open(id_path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    if recorded != json.loads(json.dumps(identity)):
+      raise ValueError(f"{workdir} holds a different run ({recorded}, now {identity}): use another --workdir")
+  results_path = os.path.join(workdir, "results.json")
+  if os.path.exists(results_path) and os.path.exists(id_path):
+    with open(results_path, encoding="utf-8") as f:
+      logging.info("%s seed %d: results already in %s", model_name, seed, results_path)
+      return json.load(f)
+  _write_json(id_path, identity)
+  from alignrec_jax.train import recommend
+  run_config = apply_overrides(config, model_name, seed, overrides)
+  logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
+  return recommend.run(run_config, workdir)
+
+
+def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str) -> tuple[dict, list, str]:
+  """(best overrides, every grid run's summary, the best run's workdir) on the VALID `metric`."""
+  combos = grid_combinations(hyper_grid(model_name))
+  if not combos or combos == [{}]:
+    return {}, [], ""
+  summaries, best, best_value, best_dir = [], {}, -math.inf, ""
+  for i, overrides in enumerate(combos):
+    run_dir = os.path.join(workdir, model_name, "grid", str(i))
+    results = train_once(config, model_name, seed, overrides, run_dir)
+    if metric not in results.get("valid", {}):
+      raise ValueError(f"valid metric {metric!r} missing from {run_dir}/results.json (has "
+                       f"{sorted(results.get('valid', {}))}); set --select_metric or config.eval.topk")
+    value = float(results["valid"][metric])
+    summaries.append({"overrides": overrides, "workdir": run_dir, "best_epoch": results.get("best_epoch"),
+                      f"valid_{metric}": value, "test": {k: results["test"].get(k) for k in TABLE_METRICS}})
+    if value > best_value:
+      best, best_value, best_dir = overrides, value, run_dir
+  logging.info("%s: grid of %d selected %s (valid %s %.4f)", model_name, len(combos), best, metric, best_value)
+  return best, summaries, best_dir
+
+
+def mean_std(values: list) -> dict:
+  """{"mean", "std" (sample std, 0 for one value), "values"}."""
+  n = len(values)
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return {"mean": mean, "std": std, "values": values}
+
+
+def summarise(runs: dict) -> dict:
+  """Per-split mean ± std over the seeds' runs {seed: results}."""
+  out = {}
+  for split in ("valid", "test"):
+    keys = sorted(set.intersection(*(set(r[split]) for r in runs.values())))
+    out[split] = {k: mean_std([float(r[split][k]) for r in runs.values()]) for k in keys}
+  return out
+
+
+def markdown_table(comparison: dict, metrics=TABLE_METRICS) -> str:
+  """The comparison as a Markdown table: one row per model, test mean ± std over its seeds."""
+  head = "| model | seeds | " + " | ".join(f"test {m}" for m in metrics) + " | valid recall@20 |"
+  lines = [head, "|" + "---|" * (len(metrics) + 3)]
+  for name, entry in comparison["models"].items():
+    cells = []
+    for m in metrics:
+      s = entry["test"].get(m)
+      cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "n/a")
+    v = entry["valid"].get("recall@20")
+    lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(cells)
+                 + (f" | {v['mean']:.4f} |" if v else " | n/a |"))
+  return "\n".join(lines) + "\n"
+
+
+def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False,
+            select_metric: str = "recall@20") -> dict:
+  """Trains every model × seed (after the grid selection with `grid`) and writes comparison.json / .md."""
+  from alignrec_jax.models import get_model
+  if n_seeds < 1:
+    raise ValueError(f"--seeds={n_seeds} must be >= 1")
+  for name in models:
+    get_model(name)  # an unknown name fails before any training
+  os.makedirs(workdir, exist_ok=True)
+  seeds = [int(config.seed) + k for k in range(n_seeds)]
+  comparison = {"workdir": workdir, "dataset": config.data.name, "metrics": list(TABLE_METRICS),
+                "select_metric": select_metric if grid else None, "models": {}}
+  for name in models:
+    overrides, grid_runs, grid_dir = ({}, [], "")
+    if grid:
+      overrides, grid_runs, grid_dir = select_on_grid(config, name, seeds[0], workdir, select_metric)
+    runs = {}
+    for seed in seeds:
+      run_dir = os.path.join(workdir, name, f"seed{seed}")
+      if grid_dir and seed == seeds[0]:
+        run_dir = grid_dir  # the selected grid run is this seed's run
+      runs[seed] = dict(train_once(config, name, seed, overrides, run_dir), workdir=run_dir)
+    stats = summarise(runs)
+    comparison["models"][name] = {
+        "seeds": seeds, "overrides": overrides,
+        "runs": {str(s): {k: r.get(k) for k in ("workdir", "best_epoch", "valid", "test")} for s, r in runs.items()},
+        "test": stats["test"], "valid": stats["valid"], "grid": grid_runs}
+    _write_json(os.path.join(workdir, "comparison.json"), comparison)  # partial tables survive an interruption
+  table = markdown_table(comparison)
+  _write_text(os.path.join(workdir, "comparison.md"),
+              f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds "
+              f"{seeds}\n\n{table}")
+  return comparison
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workdir = os.path.expanduser(_WORKDIR.value)
+  comparison = compare(_CONFIG.value, [m.strip() for m in _MODELS.value if m.strip()], _SEEDS.value, workdir,
+                       _GRID.value, _SELECT.value)
+  print("\n" + markdown_table(comparison))
+  print(f"comparison: {os.path.join(workdir, 'comparison.json')}, {os.path.join(workdir, 'comparison.md')}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
