@@ -1,0 +1,89 @@
+"""ICA losses on hand-made inputs, and the masks as pure functions of their keys."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignrec_jax.losses import ica
+from alignrec_jax.models import mmenc
+
+
+def test_mlm_loss_counts_only_masked_positions():
+  logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+  targets = jnp.asarray([[0, 1, 2]])
+  mask = jnp.asarray([[True, False, True]])
+  loss, acc = ica.mlm_loss(logits, targets, mask)
+  np.testing.assert_allclose(loss, (-math.log(0.5) - math.log(1 / 3)) / 2, rtol=1e-5)
+  assert 0.0 <= float(acc) <= 1.0 and float(acc) >= 0.5  # position 0 is right, position 2 is a tie
+  loss, _ = ica.mlm_loss(logits, targets, jnp.zeros_like(mask))
+  assert float(loss) == 0.0
+
+
+def test_mim_loss_and_normalised_targets():
+  pred = jnp.asarray([[[1.0, 1.0], [0.0, 2.0], [5.0, 5.0]]])
+  target = jnp.asarray([[[0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+  mask = jnp.asarray([[True, True, False]])
+  # patch 0: (1 + 0) / 2 = 0.5; patch 1: (0 + 4) / 2 = 2; patch 2 ignored
+  np.testing.assert_allclose(ica.mim_loss(pred, target, mask), 1.25, rtol=1e-6)
+  images = np.zeros((1, 4, 4, 3), np.uint8)
+  images[0, :2, :2] = 10
+  images[0, :2, :2, 0] = 200      # top-left patch has contrast
+  images[0, 2:, 2:] = 255         # bottom-right patch is flat
+  patches = ica.patchify(jnp.asarray(images), 2)
+  assert patches.shape == (1, 4, 12)
+  np.testing.assert_array_equal(patches[0, 3], np.full(12, 255))
+  np.testing.assert_array_equal(patches[0, 0].reshape(2, 2, 3), images[0, :2, :2])
+  t = ica.normalized_pixel_targets(jnp.asarray(images), 2)
+  np.testing.assert_allclose(t[0, 0].mean(), 0.0, atol=1e-5)
+  np.testing.assert_allclose(t[0, 0].std(), 1.0, atol=1e-3)
+  np.testing.assert_allclose(t[0, 3], 0.0, atol=1e-6)  # flat patch: no NaN
+
+
+def test_itc_loss_prefers_matching_pairs():
+  emb = jnp.eye(4)
+  good = ica.itc_loss(emb, emb, 0.1)
+  bad = ica.itc_loss(emb, emb[::-1], 0.1)
+  assert float(good) < 0.01 < float(bad)
+
+
+def test_block_mask_is_exact_blocky_and_keyed():
+  m = ica.block_mask(jax.random.key(0), 8, 26)
+  assert m.shape == (64,) and int(m.sum()) == 26
+  np.testing.assert_array_equal(m, ica.block_mask(jax.random.key(0), 8, 26))
+  assert not np.array_equal(m, ica.block_mask(jax.random.key(1), 8, 26))
+  # blocks: most masked patches have a masked 4-neighbour (random scattering would give far fewer)
+  grid = np.asarray(m).reshape(8, 8)
+  padded = np.pad(grid, 1)
+  neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+  assert (grid & neighbours).sum() >= 0.8 * grid.sum()
+  batch = ica.image_masks(jax.random.key(3), 5, 4, 0.4)
+  assert batch.shape == (5, 16) and (np.asarray(batch.sum(1)) == 6).all()
+  assert (np.asarray(ica.image_masks(jax.random.key(3), 2, 2, 0.01).sum(1)) == 1).all()
+
+
+def test_text_masks_skip_specials_and_mask_at_least_one():
+  tokens = jnp.asarray([[1, 7, 8, 9, 10, 2, 0, 0], [1, 7, 2, 0, 0, 0, 0, 0], [1, 2, 0, 0, 0, 0, 0, 0]])
+  m = np.asarray(ica.text_masks(jax.random.key(0), tokens, 0.5, (0, 1, 2)))
+  assert m[0].sum() == 2 and m[0, 1:5].sum() == 2
+  assert m[1].sum() == 1 and m[1, 1]
+  assert m[2].sum() == 0  # nothing to mask in an empty text
+  assert not m[:, 0].any() and not (m & (np.asarray(tokens) == 0)).any()
+  np.testing.assert_array_equal(m, ica.text_masks(jax.random.key(0), tokens, 0.5, (0, 1, 2)))
+
+
+def test_ica_loss_runs_and_has_gradients():
+  model = mmenc.MMEnc(vocab_size=20, image_size=8, patch_size=4, max_text_len=6, layers=2, hidden=16, heads=2,
+                      mlp=32, n_vl_layers=1)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)),
+           "tokens": jnp.asarray([[1, 5, 6, 7, 2, 0]] * 4, jnp.int32)}
+  params = model.init(jax.random.key(0), mmenc.normalize_images(batch["image"]), batch["tokens"])["params"]
+  fn = lambda p: ica.ica_loss(model, p, batch, jax.random.key(1), text_mask_ratio=0.5, image_mask_ratio=0.5,
+                              itc_weight=0.5)
+  (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params)
+  np.testing.assert_allclose(loss, metrics["mlm"] + metrics["mim"] + 0.5 * metrics["itc"], rtol=1e-5)
+  assert float(metrics["mlm"]) > 0 and float(metrics["mim"]) > 0 and float(metrics["itc"]) > 0
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["block_1"]["vl_ffn"]["Dense_0"]["kernel"]).sum()) > 0
