@@ -1,0 +1,89 @@
+"""compare.py: grid expansion, overrides, the mean ± std table, and a two-model, two-seed run on tiny data."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from alignrec_jax import compare
+from alignrec_jax.data import mmrec
+from configs import base
+
+
+def write_tiny_mmrec(root, n_users=40, n_items=30, seed=0):
+  """A small MMRec dataset: every user 6-10 items (the last two held out), every item with features."""
+  rng = np.random.default_rng(seed)
+  splits = {"train": [], "valid": [], "test": []}
+  for u in range(n_users):
+    items = rng.choice(n_items - 1, size=rng.integers(6, 11), replace=False)  # the last item stays cold
+    splits["train"] += [(u, i) for i in items[:-2]]
+    splits["valid"].append((u, items[-2]))
+    splits["test"].append((u, items[-1]))
+  splits["test"].append((0, n_items - 1))  # the largest itemID occurs: features have exactly n_items rows
+  os.makedirs(root, exist_ok=True)
+  mmrec.write_inter(os.path.join(root, "tiny.inter"), {k: np.asarray(v) for k, v in splits.items()})
+  np.save(os.path.join(root, "image_feat.npy"), rng.normal(size=(n_items, 10)).astype(np.float32))
+  np.save(os.path.join(root, "text_feat.npy"), rng.normal(size=(n_items, 6)).astype(np.float32))
+
+
+def test_grid_combinations_and_overrides():
+  combos = compare.grid_combinations({"optim.lr": [0.1, 0.2], "model.bm3.dropout": [0.3, 0.5, 0.7]})
+  assert len(combos) == 6 and combos[1] == {"optim.lr": 0.1, "model.bm3.dropout": 0.5}
+  assert compare.grid_combinations({}) == [{}]
+  config = base.get_base_config()
+  config.lock()
+  run = compare.apply_overrides(config, "bm3", 7, {"model.bm3.dropout": 0.3, "model.bm3.n_layers": 2,
+                                                   "optim.lr": 1})
+  assert (run.model.name, run.seed, run.model.bm3.dropout, run.model.bm3.n_layers) == ("bm3", 7, 0.3, 2)
+  assert run.optim.lr == 1.0 and isinstance(run.optim.lr, float)
+  assert config.model.name == "alignrec" and config.model.bm3.n_layers == 1  # the original is untouched
+  with pytest.raises(ValueError, match="no key 'nope'"):
+    compare.apply_overrides(config, "bm3", 7, {"model.bm3.nope": 1})
+
+
+def test_every_grid_key_exists_in_the_config():
+  config = base.get_base_config()
+  for name in ("alignrec", "bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn"):
+    grid = compare.hyper_grid(name)
+    assert grid, name
+    compare.apply_overrides(config, name, 0, compare.grid_combinations(grid)[-1])
+
+
+def test_mean_std_is_the_sample_std():
+  s = compare.mean_std([0.2, 0.4, 0.6])
+  assert math.isclose(s["mean"], 0.4) and math.isclose(s["std"], 0.2)
+  assert compare.mean_std([0.3])["std"] == 0.0
+
+
+def test_compare_two_models_two_seeds(tmp_path):
+  write_tiny_mmrec(str(tmp_path / "data"))
+  config = base.get_base_config()
+  config.data.name = "tiny"
+  config.data.root = str(tmp_path / "data")
+  config.data.image_feat = "image_feat.npy"
+  config.data.text_feat = "text_feat.npy"
+  config.model.embedding_size = 8
+  config.train.batch_size = 64
+  config.train.epochs = 2
+  config.eval.topk = (10, 20)
+  config.seed = 5
+  out = str(tmp_path / "cmp")
+  result = compare.compare(config, ["bprmf", "lightgcn"], 2, out)
+  for name in ("bprmf", "lightgcn"):
+    for seed in (5, 6):
+      assert os.path.exists(os.path.join(out, name, f"seed{seed}", "results.json"))
+    entry = result["models"][name]
+    values = [entry["runs"][s]["test"]["recall@20"] for s in ("5", "6")]
+    assert math.isclose(entry["test"]["recall@20"]["mean"], np.mean(values))
+  with open(os.path.join(out, "comparison.json")) as f:
+    assert json.load(f)["models"].keys() == {"bprmf", "lightgcn"}
+  with open(os.path.join(out, "comparison.md")) as f:
+    table = f.read()
+  assert "| lightgcn | 2 |" in table and "±" in table
+  # A second call reuses the runs; the same directory with other settings is refused.
+  again = compare.compare(config, ["bprmf"], 1, out)
+  assert again["models"]["bprmf"]["runs"]["5"] == result["models"]["bprmf"]["runs"]["5"]
+  with pytest.raises(ValueError, match="different run"):
+    compare.train_once(config, "bprmf", 5, {"model.bprmf.reg_weight": 1.0}, os.path.join(out, "bprmf", "seed5"))
