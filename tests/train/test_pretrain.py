@@ -1,0 +1,153 @@
+"""Stage-1 loop: pre-training runs and resumes exactly after a crash, extraction writes the bridge, bridge errors."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.train import bridge
+from alignrec_jax.train import pretrain as pretrain_lib
+from configs import base
+
+N_ITEMS = 8
+WORDS = ["red", "blue", "green", "round", "square", "small", "large", "bright"]
+
+
+def _items(root):
+  os.makedirs(root / "images", exist_ok=True)
+  rng = np.random.default_rng(0)
+  rows = ["itemID\ttext\timage"]
+  for i in range(N_ITEMS):
+    colour = np.array([255 * (i % 2), 255 * (i // 2 % 2), 255 * (i // 4 % 2)], np.uint8)
+    pixels = np.clip(colour + rng.integers(0, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+    rows.append(f"{i}\t{WORDS[i]} {WORDS[(i + 3) % 8]} item, number {i}\timages/{i}.png")
+  (root / "items.tsv").write_text("\n".join(rows) + "\n")
+
+
+def _config(root, steps=6):
+  config = base.get_base_config()
+  config.data.root = str(root)
+  pre = config.pretrain
+  pre.size, pre.image_size, pre.patch_size, pre.max_text_len = "tiny", 8, 4, 8
+  pre.batch_size, pre.steps, pre.warmup_steps, pre.lr = 4, steps, 2, 1e-3
+  pre.checkpoint_every, pre.log_every, pre.extract_batch_size = 2, 1, 3
+  pre.dropout = 0.1  # the resumed run must also reproduce the dropout keys
+  config.train.num_devices = 2
+  return config
+
+
+def _params(config, workdir):
+  from alignrec_jax.data import content
+  tok = content.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  return pretrain_lib.load_pretrained(config, workdir, tok)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("items")
+  _items(root)
+  workdir = str(root / "straight")
+  config = _config(root)
+  summary = pretrain_lib.pretrain(config, workdir)
+  return root, config, workdir, summary
+
+
+def test_pretrain_logs_and_checkpoints(straight_run):
+  _, config, workdir, summary = straight_run
+  assert summary["first"]["step"] == 1 and summary["last"]["step"] == 6
+  for key in ("loss", "mlm", "mim", "mlm_acc", "items_per_s"):
+    assert np.isfinite(summary["last"][key])
+  assert sorted(os.listdir(os.path.join(workdir, "pretrain"))) == ["4", "6"]
+  assert os.path.isfile(os.path.join(workdir, "tokenizer.json"))
+  assert os.path.isfile(os.path.join(workdir, "pretrain_history.json"))
+  # a rerun of a finished run does nothing
+  again = pretrain_lib.pretrain(config, workdir)
+  assert again["last"] == summary["last"]
+
+
+def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypatch):
+  root, config, straight, _ = straight_run
+  workdir = str(root / "resumed")
+  real = pretrain_lib.batch_indices
+
+  def crash_at_step_3(seed, step, n, b):
+    if step == 3:
+      raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+    return real(seed, step, n, b)
+
+  monkeypatch.setattr(pretrain_lib, "batch_indices", crash_at_step_3)
+  with pytest.raises(KeyboardInterrupt):
+    pretrain_lib.pretrain(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "pretrain"))) == ["2"]
+  monkeypatch.setattr(pretrain_lib, "batch_indices", real)
+  summary = pretrain_lib.pretrain(config, workdir)
+  assert summary["last"]["step"] == 6
+  _, resumed, step = _params(config, workdir)
+  _, reference, _ = _params(config, straight)
+  assert step == 6
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, reference)
+
+
+def test_extract_writes_the_bridge_once(straight_run):
+  _, config, workdir, _ = straight_run
+  info = pretrain_lib.extract(config, workdir)
+  assert info["n_items"] == N_ITEMS and info["dim"] == 128 and info["pretrain_step"] == 6
+  full = bridge.load_feature_table(workdir, N_ITEMS)
+  assert full.shape == (N_ITEMS, 128) and full.dtype == np.float32
+  np.testing.assert_array_equal(np.load(os.path.join(workdir, "image_feat.npy")), full)
+  masked_image = bridge.load_feature_table(workdir, N_ITEMS, "mask_image")
+  masked_text = np.load(os.path.join(workdir, "image_feat_mask_text.npy"))
+  assert np.abs(masked_image - full).max() > 1e-4 and np.abs(masked_text - full).max() > 1e-4
+  # features equal a direct forward pass of the checkpoint
+  model, params, _ = _params(config, workdir)
+  from alignrec_jax.data import content
+  tok = content.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  table = content.read_items(pretrain_lib.items_path(config))
+  image = content.load_image(table.image_paths[5], 8)[None]
+  tokens = tok.encode(table.texts[5], 8)[None]
+  from alignrec_jax.models import mmenc
+  direct = model.apply({"params": params}, mmenc.normalize_images(image), tokens, method=model.features)
+  np.testing.assert_allclose(direct[0], full[5], rtol=1e-4, atol=1e-4)
+  # a second call skips the work
+  stamp = os.path.getmtime(os.path.join(workdir, "image_feat.npy"))
+  pretrain_lib.extract(config, workdir)
+  assert os.path.getmtime(os.path.join(workdir, "image_feat.npy")) == stamp
+
+
+def test_random_init_checkpoint_with_zero_steps(straight_run):
+  root, _, _, _ = straight_run
+  config = _config(root, steps=0)
+  workdir = str(root / "random")
+  pretrain_lib.pretrain(config, workdir)
+  model, params, step = _params(config, workdir)
+  assert step == 0
+  reference = jax.device_get(pretrain_lib.init_params(model, jax.random.key(config.seed)))
+  jax.tree.map(np.testing.assert_array_equal, params, reference)
+
+
+def test_bridge_errors(tmp_path):
+  tables = {"full": np.ones((5, 3), np.float32), "mask_image": np.zeros((5, 3)), "mask_text": np.zeros((5, 3))}
+  with pytest.raises(DataError, match="no stage-1 feature checkpoint in .*features.*stage=extract"):
+    bridge.load_feature_table(str(tmp_path), 5)
+  bridge.save_feature_table(str(tmp_path), tables)
+  np.testing.assert_array_equal(bridge.load_feature_table(str(tmp_path), 5), tables["full"])
+  assert bridge.has_feature_table(str(tmp_path), 5)
+  with pytest.raises(DataError, match=r"has shape \(5, 3\), but the dataset has 7 items"):
+    bridge.load_feature_table(str(tmp_path), 7)
+  with pytest.raises(ValueError, match="features_variant='other'"):
+    bridge.load_feature_table(str(tmp_path), 5, "other")
+  # an interrupted save leaves only orbax's temporary directory behind
+  features = os.path.join(str(tmp_path), "features")
+  os.rename(os.path.join(features, "0"), os.path.join(features, "0.orbax-checkpoint-tmp-1234"))
+  with pytest.raises(DataError, match="is incomplete"):
+    bridge.load_feature_table(str(tmp_path), 5)
+  assert not bridge.has_feature_table(str(tmp_path), 5)
+  with pytest.raises(ValueError, match="NaN"):
+    bridge.save_feature_table(str(tmp_path), {"full": np.full((5, 3), np.nan)})
+  bridge.save_feature_table(str(tmp_path), {"full": np.ones((5, 3))})  # replaces the broken one
+  with pytest.raises(DataError, match="has no 'mask_text' table"):
+    bridge.load_feature_table(str(tmp_path), 5, "mask_text")
