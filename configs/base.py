@@ -91,7 +91,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.mlm_weight = 1.0
   pre.mim_weight = 1.0
   pre.itc_weight = 0.0
-  pre.mim_target = "pixels"
+  pre.itc_temperature = 0.07    # InfoNCE temperature of the optional ITC term
+  pre.tie_mlm_head = True       # MLM logits from the token embedding matrix (False: a separate projection)
+  pre.mim_target = "pixels"     # pixels (per-patch normalised, MAE-style) | raw_pixels
   pre.batch_size = 64
   pre.steps = 500
   pre.lr = 1e-3
