@@ -31,11 +31,14 @@ def info_nce(view1_local: jax.Array, view2_all: jax.Array, positive: jax.Array, 
   """
   a, b = _normalize(view1_local), _normalize(view2_all)
   logits = (a @ b.T) / temperature  # [b, B]
-  logits = jnp.where(weight_all[None, :] > 0, logits, -jnp.inf)  # padding rows are not candidates
-  pos_logit = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
-  per_row = jax.nn.logsumexp(logits, axis=1) - pos_logit
-  per_row = jnp.where(weight_local > 0, per_row, 0.0)
-  return jnp.sum(weight_local * per_row) / n_real
+  if temperature >= 0.02:
+    # Cosines are in [-1, 1], so exp(logits) <= exp(1/τ) cannot overflow: no max-subtraction pass (it doubles the
+    # cost of the [b, B] backward on CPU). Padding columns get weight 0 (not candidates).
+    log_denominator = jnp.log(jnp.sum(jnp.exp(logits) * weight_all[None, :], axis=1))
+  else:
+    log_denominator = jax.nn.logsumexp(jnp.where(weight_all[None, :] > 0, logits, -jnp.inf), axis=1)
+  pos_logit = jnp.sum(a * b[positive], axis=-1) / temperature  # a row gather, not a [b, B] scatter in the backward
+  return jnp.sum(weight_local * (log_denominator - pos_logit)) / n_real
 
 
 def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -50,20 +53,34 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
   the feature rows on the right (stop-gradient), the norm NOT squared (the reference's EmbLoss).
 
   emb_*: [b|B, d] content-view item embeddings of the batch's positive items; feat_*: [b|B, d_f] their feature rows.
-  The norm needs the squared sum over ALL rows, so with `axis_name` the shards' sums are `psum`med; each shard
-  returns value sqrt(S)/(B · n_shards) plus a zero-valued term whose gradient is its exact share,
-  d(sqrt S)/B = dS_shard / (2 sqrt(S) B), so both the values and the gradients add up across shards.
+
+  The squared norm is expanded so that no [b, B] matrix is formed when the feature width d_f is below the batch:
+    S = Σ_pq (e_p·e_q − c_pq)² = <E_lᵀE_l, E_gᵀE_g> − 2 <E_lᵀN_l, E_gᵀN_g> + <N_lᵀN_l, N_gᵀN_g>
+  (N = row-normalised features, l = this shard's rows, g = all rows), d x d, d x d_f and d_f x d_f products instead
+  of b x B ones; for wide features the last term is computed as ‖N_l N_gᵀ‖² (whichever is cheaper).
+  The norm needs S over ALL rows, so with `axis_name` the shards' sums are `psum`med; each shard returns
+  sqrt(S)/(B · n_shards) plus a zero-valued term whose gradient is its exact share dS_shard / (2 sqrt(S) B), so
+  both the values and the gradients add up across shards.
   """
-  target = jax.lax.stop_gradient(cosine_matrix(feat_local, feat_all))
-  diff = emb_local @ emb_all.T - target  # [b, B]
-  mask = weight_local[:, None] * weight_all[None, :]
-  sq_local = jnp.sum(mask * diff * diff)
+  def rows_normalised(f, w):
+    return jax.lax.stop_gradient(f / jnp.linalg.norm(f, axis=-1, keepdims=True) * w[:, None])
+
+  e_l, e_g = emb_local * weight_local[:, None], emb_all * weight_all[:, None]
+  n_l, n_g = rows_normalised(feat_local, weight_local), rows_normalised(feat_all, weight_all)
+  b, big_b, d_f = n_l.shape[0], n_g.shape[0], n_l.shape[1]
+  dots = jnp.sum((e_l.T @ e_l) * (e_g.T @ e_g))
+  cross = jnp.sum((e_l.T @ n_l) * (e_g.T @ n_g))
+  if (b + big_b) * d_f <= b * big_b:
+    target = jnp.sum((n_l.T @ n_l) * (n_g.T @ n_g))
+  else:
+    target = jnp.sum(jnp.square(n_l @ n_g.T))
+  sq_local = dots - 2.0 * cross + target
   sq_total = jax.lax.stop_gradient(sq_local)
   n_shards = 1
   if axis_name is not None:
     sq_total = jax.lax.psum(sq_total, axis_name)
     n_shards = jax.lax.psum(1, axis_name)
-  norm = jnp.sqrt(sq_total)
+  norm = jnp.sqrt(jnp.maximum(sq_total, 0.0))  # the expansion can round a true 0 to a tiny negative
   safe = jnp.where(norm > 0, norm, 1.0)
   grad_share = jnp.where(norm > 0, (sq_local - jax.lax.stop_gradient(sq_local)) / (2.0 * safe), 0.0)
   return (norm / n_shards + grad_share) / n_real

@@ -1,0 +1,183 @@
+"""Stage 2: train a recommender (AlignRec by default) with BPR triplets, evaluate every epoch, stop early.
+
+  python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k
+
+Loop (spec alignrec.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
+optax.inject_hyperparams (no recompilation); one epoch = every train interaction once, in batches split over the
+local devices (pmap, gradients summed, see train/parallel.py); after every epoch the representations are computed
+once and the valid and test splits are ranked; early stopping on the valid metric (strict improvement; stop at the
+(stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test metrics are those of the best valid
+epoch. A NaN/Inf loss stops the run with an error; the checkpoint of the last good epoch stays.
+
+Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
+after the last finished epoch and ends exactly as an uninterrupted run. Results go to `<workdir>/results.json`:
+  {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}], ...}
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from alignrec_jax.data import mmrec
+from alignrec_jax.data.sampler import BPRSampler
+from alignrec_jax.eval import ranking
+from alignrec_jax.models import get_model
+from alignrec_jax.train import parallel
+from alignrec_jax.train import state as state_lib
+
+
+def learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
+  """The reference's LambdaLR step decay: lr * decay ** (epoch / decay_every), epoch counted from 0."""
+  return float(optim.lr) * float(optim.lr_decay) ** (epoch / float(optim.lr_decay_every))
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _fresh_meta() -> dict:
+  return {"epoch": -1, "sampler_state": "", "best_value": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
+          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False}
+
+
+def _results(meta: dict, config) -> dict:
+  return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
+          "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1, "stopped_early": meta["stopped_early"],
+          "history": meta["history"]}
+
+
+def _check_config(config) -> None:
+  t = config.train
+  for key in ("batch_size", "epochs", "eval_every"):
+    if t[key] < 1:
+      raise ValueError(f"config.train.{key}={t[key]} must be >= 1")
+  if t.stopping_step < 0:
+    raise ValueError(f"config.train.stopping_step={t.stopping_step} must be >= 0")
+  if config.optim.lr <= 0 or config.optim.lr_decay_every <= 0:
+    raise ValueError(f"config.optim.lr={config.optim.lr} and lr_decay_every={config.optim.lr_decay_every} must be > 0")
+  if t.eval_every != 1:
+    raise ValueError("config.train.eval_every must be 1: early stopping counts evaluated epochs, as the reference")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict."""
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = mmrec.load_dataset(config.data)
+  logging.info("%s", data.summary())
+
+  model = get_model(config.model.name)(config)
+  t0 = time.time()
+  inputs = model.build_inputs(data)
+  logging.info("graphs and inputs built in %.1fs", time.time() - t0)
+  devices = parallel.local_devices(config.train.num_devices)
+  n_dev = len(devices)
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr))
+  params = model.init(jax.random.PRNGKey(config.seed), inputs)
+  opt_state = tx.init(params)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  logging.info("model %s: %d parameters; %d device(s): %s", config.model.name, n_params, n_dev, devices)
+
+  sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=config.seed)
+  ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  try:
+    meta = _fresh_meta()
+    latest = ckpt.latest_step()
+    if latest is not None:
+      params, opt_state, meta = ckpt.restore(latest, params, opt_state)
+      sampler.set_state(meta["sampler_state"])
+      logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
+                   meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
+    if not meta["stopped_early"]:  # a run that reached train.epochs continues if train.epochs grew
+      meta = _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, meta, devices)
+  finally:
+    ckpt.close()
+  results = _results(meta, config)
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  logging.info("best epoch %d: valid %s, test %s", results["best_epoch"], json.dumps(results["valid"]),
+               json.dumps(results["test"]))
+  return results
+
+
+def _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, meta, devices) -> dict:
+  n_dev = len(devices)
+  valid_split = ranking.make_eval_split(data, "valid")
+  test_split = ranking.make_eval_split(data, "test")
+  ev = config.eval
+  representations = jax.jit(model.representations)
+
+  def evaluate(user_emb, item_emb, split):
+    return ranking.evaluate(user_emb, item_emb, split, topk=tuple(ev.topk), batch_users=ev.batch_users,
+                            metrics=tuple(ev.metrics))
+
+  step_fn = parallel.pmap_train_step(model.loss, tx, devices)
+  p_params, p_opt = parallel.replicate((params, opt_state), devices)
+  p_inputs = parallel.replicate(inputs, devices)
+  del params, opt_state
+  valid_key = ev.valid_metric
+  for epoch in range(meta["epoch"] + 1, config.train.epochs):
+    lr = learning_rate(config.optim, epoch)
+    p_opt.hyperparams["learning_rate"] = parallel.replicate(jnp.asarray(lr, jnp.float32), devices)
+    if hasattr(model, "epoch_inputs"):  # per-epoch training inputs (FREEDOM's pruned graph, BM3's dropout key);
+      # keyed by (seed, epoch) so that a resumed run draws the same; evaluation keeps `inputs`.
+      epoch_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch)
+      p_inputs = parallel.replicate(model.epoch_inputs(inputs, epoch_rng, epoch), devices)
+    t0 = time.time()
+    sums, n_steps = {}, 0
+    for step, batch in enumerate(sampler.epoch(n_dev)):
+      p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
+      metrics = jax.tree.map(lambda x: float(x[0]), jax.block_until_ready(metrics))
+      if not math.isfinite(metrics["loss"]):
+        last = ckpt.latest_step()
+        raise FloatingPointError(
+            f"loss is {metrics['loss']} at epoch {epoch}, step {step} (parts: {metrics}); stopped. The last good "
+            + (f"checkpoint (after epoch {last - 1}) is kept in {ckpt.directory}" if last else
+               "state was never checkpointed (the first epoch failed)")
+            + ": lower config.optim.lr or check the features")
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v
+      n_steps += 1
+    train_s = time.time() - t0
+
+    t0 = time.time()
+    params = parallel.unreplicate(p_params)
+    user_emb, item_emb = representations(params, inputs)
+    valid = evaluate(user_emb, item_emb, valid_split)
+    test = evaluate(user_emb, item_emb, test_split)
+    eval_s = time.time() - t0
+
+    value = valid[valid_key]
+    improved = value > meta["best_value"]
+    if improved:
+      meta.update(best_value=value, best_epoch=epoch, best_step=epoch + 1, bad_epochs=0, best_valid=valid,
+                  best_test=test)
+    else:
+      meta["bad_epochs"] += 1
+    stop = meta["bad_epochs"] > config.train.stopping_step
+    means = {k: v / n_steps for k, v in sums.items()}
+    meta["history"].append({"epoch": epoch, "lr": lr, **{k: round(v, 6) for k, v in means.items()},
+                            f"valid_{valid_key}": value, f"test_{valid_key}": test[valid_key],
+                            "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
+    meta.update(epoch=epoch, sampler_state=sampler.get_state(), stopped_early=stop)
+    ckpt.save(epoch + 1, params, parallel.unreplicate(p_opt), meta, improved, value)
+    logging.info("epoch %d: loss %.4f (bpr %.4f, cca %.4f, sim %.4f) lr %.2e, train %.1fs | valid %s %.4f, test %s "
+                 "%.4f, eval %.2fs%s", epoch, means["loss"], means.get("bpr", 0.0), means.get("cca", 0.0),
+                 means.get("sim", 0.0), lr, train_s, valid_key, value, valid_key, test[valid_key], eval_s,
+                 " *" if improved else f" ({meta['bad_epochs']} without improvement)")
+    if stop:
+      logging.info("early stop after epoch %d: %d epochs without a better valid %s", epoch, meta["bad_epochs"],
+                   valid_key)
+      break
+  return meta

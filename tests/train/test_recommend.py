@@ -1,0 +1,173 @@
+"""Stage-2 trainer: results, the lr schedule, 1 vs 4 devices, SIGKILL-and-resume, NaN and bad-input errors.
+
+Every run uses a tiny synthetic dataset written as MMRec files into tmp_path, so the file is fast and needs no data.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from alignrec_jax.data import mmrec
+from alignrec_jax.train import recommend
+from alignrec_jax.train import state as state_lib
+from configs import base
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_dataset(root, n_users=60, n_items=40, d_f=8, seed=0):
+  """Users prefer one of 4 item clusters; features carry the cluster. MMRec layout: tiny.inter + feat.npy."""
+  rng = np.random.default_rng(seed)
+  cluster = np.arange(n_items) % 4
+  splits = {"train": [], "valid": [], "test": []}
+  for u in range(n_users):
+    liked = np.flatnonzero(cluster == u % 4)
+    other = np.flatnonzero(cluster != u % 4)
+    items = np.concatenate([rng.choice(liked, 7, replace=False), rng.choice(other, 2, replace=False)])
+    rng.shuffle(items)
+    splits["train"] += [(u, i) for i in items[:7]]
+    splits["valid"].append((u, items[7]))
+    splits["test"].append((u, items[8]))
+  os.makedirs(root, exist_ok=True)
+  mmrec.write_inter(os.path.join(root, "tiny.inter"), {k: np.asarray(v) for k, v in splits.items()})
+  feats = np.eye(4)[cluster] * 2 + rng.normal(scale=0.5, size=(n_items, 4))
+  np.save(os.path.join(root, "feat.npy"), np.concatenate([feats, rng.normal(size=(n_items, d_f - 4))], 1))
+  return root
+
+
+def tiny_config(root, **train):
+  config = base.get_base_config()
+  config.data.name = "tiny"
+  config.data.root = str(root)
+  config.data.image_feat = "feat.npy"
+  config.model.embedding_size = 8
+  config.model.knn_k = 3
+  config.train.batch_size = 64
+  config.train.epochs = train.get("epochs", 4)
+  config.train.stopping_step = train.get("stopping_step", 100)
+  config.train.num_devices = train.get("num_devices", 1)
+  config.optim.lr = 0.01
+  config.eval.batch_users = 64
+  config.eval.topk = (5, 10, 20)  # 40 items
+  return config
+
+
+def test_lr_schedule_is_the_references_step_decay():
+  optim = base.get_base_config().optim
+  assert recommend.learning_rate(optim, 0) == pytest.approx(1e-3)
+  assert recommend.learning_rate(optim, 50) == pytest.approx(1e-3 * 0.96)
+  assert recommend.learning_rate(optim, 25) == pytest.approx(1e-3 * 0.96 ** 0.5)
+
+
+def test_run_writes_results_and_resumes_to_the_same_end(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=3)
+  results = recommend.run(config, str(tmp_path / "run"))
+  on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert set(results) >= {"best_epoch", "valid", "test", "history"}
+  assert len(results["history"]) == 3 and results["test"]["recall@20"] > 0
+  best = max(h["valid_recall@20"] for h in results["history"])
+  assert results["valid"]["recall@20"] == best
+  assert results["history"][results["best_epoch"]]["valid_recall@20"] == best
+  # Rerunning a finished run trains nothing and returns the same results.
+  assert recommend.run(config, str(tmp_path / "run")) == results
+  # Continuing the 3-epoch run to 5 epochs equals a 5-epoch run from scratch.
+  more = recommend.run(tiny_config(root, epochs=5), str(tmp_path / "run"))
+  fresh = recommend.run(tiny_config(root, epochs=5), str(tmp_path / "fresh"))
+  assert [h["loss"] for h in more["history"]] == [h["loss"] for h in fresh["history"]]
+  assert more["test"] == fresh["test"]
+
+
+def test_early_stopping_counts_epochs_without_strict_improvement(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=40, stopping_step=2)
+  config.optim.lr = 0.05
+  results = recommend.run(config, str(tmp_path / "run"))
+  values = [h["valid_recall@20"] for h in results["history"]]
+  assert len(values) < 40, "expected an early stop"
+  best_epoch = int(np.argmax(values))  # first index of the maximum = the strict-> best
+  assert results["best_epoch"] == best_epoch
+  assert len(values) == best_epoch + 2 + 2  # stops at the (stopping_step + 1)-th epoch without improvement
+
+
+def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
+  if jax.local_device_count() < 4:
+    pytest.skip("needs 4 CPU devices (tests/conftest.py forces them with XLA_FLAGS)")
+  root = write_dataset(tmp_path / "data", n_users=70)  # 70*7 = 490 rows: the last batch is padded
+  one = recommend.run(tiny_config(root, epochs=3, num_devices=1), str(tmp_path / "one"))
+  four = recommend.run(tiny_config(root, epochs=3, num_devices=4), str(tmp_path / "four"))
+  np.testing.assert_allclose([h["loss"] for h in four["history"]], [h["loss"] for h in one["history"]], rtol=2e-4)
+  for part in ("bpr", "cca", "sim", "reg", "ui_cosine"):
+    np.testing.assert_allclose([h[part] for h in four["history"]], [h[part] for h in one["history"]], rtol=2e-3,
+                               err_msg=part)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  workdir = str(tmp_path / "run")
+  recommend.run(tiny_config(root, epochs=2), workdir)
+  config = tiny_config(root, epochs=4)
+  config.optim.lr = 1e30
+  with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2.*last good checkpoint \(after epoch 1\)"):
+    recommend.run(config, workdir)
+  ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    assert ckpt.latest_step() == 2
+  finally:
+    ckpt.close()
+
+
+def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  (tmp_path / "data" / "feat.npy").write_bytes(b"not an npy file")
+  with pytest.raises(mmrec.DataError, match="feat.npy: not a readable .npy"):
+    recommend.run(tiny_config(root), str(tmp_path / "run"))
+  with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+    state_lib.restore_best_params(str(tmp_path / "nowhere"), {}, {})
+
+
+def _main(workdir, root, epochs, log):
+  cmd = [sys.executable, "-m", "alignrec_jax.main", f"--config={os.path.join(REPO, 'tests', 'train', 'tiny_config.py')}",
+         f"--workdir={workdir}", f"--config.data.root={root}", f"--config.train.epochs={epochs}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  with open(log, "a", encoding="utf-8") as f:  # a file, not a pipe: a full pipe would block the logging child
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _tail(path):
+  return path.read_text()[-3000:]
+
+
+def test_sigkill_mid_run_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
+  root = write_dataset(tmp_path / "data", n_users=240)  # 1680 rows: 27 steps per epoch
+  epochs = 6
+  killed = tmp_path / "killed"
+  log = tmp_path / "log.txt"
+  proc = _main(killed, root, epochs, log)
+  deadline = time.time() + 240
+  ckpt_dir = killed / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt_dir.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, f"the run ended before it could be killed: {_tail(log)}"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "results.json").exists()
+  rerun = _main(killed, root, epochs, log)
+  assert rerun.wait(timeout=300) == 0, _tail(log)
+  assert "resumed from" in log.read_text()
+  whole = _main(tmp_path / "whole", root, epochs, tmp_path / "whole.txt")
+  assert whole.wait(timeout=300) == 0, _tail(tmp_path / "whole.txt")
+  a = json.loads((killed / "results.json").read_text())
+  b = json.loads((tmp_path / "whole" / "results.json").read_text())
+  assert a["best_epoch"] == b["best_epoch"] and a["valid"] == b["valid"] and a["test"] == b["test"]
+  assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
