@@ -1,0 +1,391 @@
+"""The paper's intermediate evaluations of item feature tables (`--config.stage=probe`), spec alignrec.md §9 and
+decisions.md "Intermediate evaluation".
+
+  python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/probe_lfm2k --config.stage=probe \
+    --config.probe.features="('all-MiniLM-L6-v2.npy','whisper.npy','vggish.npy','random:384')"
+
+Each entry of `config.probe.features` is one feature table, optionally named as `name=spec`:
+  * a `.npy` file (absolute, or relative to the working directory or to `config.data.root`), row i = itemID i;
+  * a stage-1 workdir (its orbax feature checkpoint, via train/bridge.py; the mask variants come with it);
+  * `random:<d>`: Gaussian features of width d drawn from `config.seed` (the "no information" reference).
+An empty list probes the features that `config.data` itself loads.
+
+Metric classes (`config.probe.classes`), all evaluated with the MMRec full-ranking protocol of eval/ranking.py:
+  zero_shot      no training: a user is the mean of the raw features of their train items, items are ranked by
+                 cosine to it (ranking by user . item / |item|; the user's norm does not change a ranking).
+  item_cf        no training: ItemKNNCBF as the MMRec reference: sim_ij = f_i.f_j / (|f_i||f_j| + shrink), keep the
+                 top-k entries of each row (self included), score(u, .) = R_u S^k. S^k is built in item blocks,
+                 scores in user blocks by scatter-adding neighbour rows, so no n_items x n_items or n_users x n_items
+                 matrix exists. Exact score ties (items no train item has as a neighbour) rank by item id.
+  mask_modality  stage 2 (train/recommend.py, with `config.train` as given) on the unmasked table and on tables whose
+                 masked items (the first round(mask_ratio * n_items) of a seeded permutation, saved as
+                 `<workdir>/mask_items.npy` and reused; `probe.mask_items` reuses another run's file) take the rows
+                 of the stage-1 mask_image / mask_text extraction, or are zeroed for a plain `.npy` table.
+
+`<workdir>/results.json`:
+  {"probe": {feature: {"zero_shot": {"valid": {...}, "test": {...}}, "item_cf": {...},
+                       "mask_modality": {"unmasked": {"valid", "test", "best_epoch"}, "zeroed" | "mask_image" |
+                                         "mask_text": {...}}}},
+   "probe_reference": {"popularity": {"valid": {...}, "test": {...}}},
+   "features": {feature: {"source": str, "dim": int}}, "mask_items": path or absent, "seconds": {...}}
+With `config.eval.popularity_groups` set, every valid/test dict also holds {"groups": {group: {metric: value}}}.
+"""
+
+import copy
+import functools
+import json
+import os
+import time
+from typing import Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alignrec_jax.data import mmrec
+from alignrec_jax.eval import ranking
+
+CLASSES = ("zero_shot", "item_cf", "mask_modality")
+_EPS = 1e-12
+_MAX_BLOCK_ELEMENTS = 1 << 24  # rows x n_items per jitted block (64 MB of float32)
+
+
+# --------------------------------------------------------------------------------------------------- feature specs
+
+def _write_npy_atomic(path: str, array: np.ndarray) -> None:
+  tmp = f"{path}.tmp{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def parse_feature_spec(entry: str) -> tuple[str, str]:
+  """'name=spec' -> (name, spec); a bare spec is named after its file or folder ('random:384' -> 'random384')."""
+  entry = entry.strip()
+  if "=" in entry:
+    name, spec = (s.strip() for s in entry.split("=", 1))
+  else:
+    spec = entry
+    if spec.startswith("random:"):
+      name = "random" + spec.split(":", 1)[1]
+    else:
+      base = os.path.basename(os.path.normpath(spec))
+      name = base[:-4] if base.endswith(".npy") else base
+  if not name or not spec:
+    raise ValueError(f"config.probe.features entry {entry!r}: expected 'spec' or 'name=spec'")
+  return name, spec
+
+
+def load_feature_spec(spec: str, n_items: int, data_root: str, seed: int) -> dict[str, np.ndarray]:
+  """The tables of one spec: {"full": [n_items, d]} plus "mask_image"/"mask_text" for a stage-1 workdir."""
+  if spec.startswith("random:"):
+    try:
+      dim = int(spec.split(":", 1)[1])
+    except ValueError:
+      dim = 0
+    if dim < 1:
+      raise ValueError(f"config.probe.features entry {spec!r}: expected random:<width>, e.g. random:384")
+    rng = np.random.default_rng([seed, dim])
+    return {"full": rng.standard_normal((n_items, dim)).astype(np.float32)}
+  path = os.path.expanduser(spec)
+  if not os.path.isabs(path) and not os.path.exists(path) and data_root:
+    path = os.path.join(os.path.expanduser(data_root), path)
+  if os.path.isdir(path):
+    from alignrec_jax.train import bridge  # stage-1 output (orbax); imported only when a workdir is probed
+    tables = {"full": bridge.load_feature_table(path, n_items, "full")}
+    for variant in ("mask_image", "mask_text"):
+      try:
+        tables[variant] = bridge.load_feature_table(path, n_items, variant)
+      except mmrec.DataError as e:
+        logging.warning("%s: no %s table (%s); mask-modality will only zero rows", path, variant, e)
+    return tables
+  if not path.endswith(".npy") and not os.path.exists(path):
+    raise mmrec.DataError(f"config.probe.features entry {spec!r}: neither a .npy file nor a stage-1 workdir "
+                          f"(looked for {path})")
+  return {"full": mmrec.load_features(path, n_items)}
+
+
+# --------------------------------------------------------------------------------------------------- zero-shot
+
+@jax.jit
+def _add_rows(acc: jax.Array, features: jax.Array, users: jax.Array, items: jax.Array) -> jax.Array:
+  """acc[users[j]] += features[items[j]]; padding entries carry user id len(acc) and are dropped."""
+  return acc.at[users].add(features[items], mode="drop")
+
+
+def user_mean_features(features: np.ndarray, train: np.ndarray, n_users: int, chunk: int = 1 << 14) -> np.ndarray:
+  """[n_users, d]: each user's mean train-item feature (0 for users without train items).
+
+  Accumulated in fixed-size interaction chunks so that no [n_train, d] gather is ever materialised.
+  """
+  feats = jnp.asarray(features, jnp.float32)
+  acc = jnp.zeros((n_users, feats.shape[1]), jnp.float32)
+  for start in range(0, len(train), chunk):
+    rows = train[start:start + chunk]
+    users = np.full(chunk, n_users, np.int32)
+    items = np.zeros(chunk, np.int32)
+    users[:len(rows)], items[:len(rows)] = rows[:, 0], rows[:, 1]
+    acc = _add_rows(acc, feats, users, items)
+  counts = np.bincount(train[:, 0], minlength=n_users).astype(np.float32)
+  return np.asarray(acc) / np.maximum(counts, 1.0)[:, None]
+
+
+def zero_shot_embeddings(features: np.ndarray, data: mmrec.RecData) -> tuple[np.ndarray, np.ndarray]:
+  """(user [n_users, d], item [n_items, d]) whose dot product ranks items by cosine to the user's mean feature."""
+  users = user_mean_features(features, data.train, data.n_users)
+  norms = np.linalg.norm(features, axis=1, keepdims=True)
+  return users, (features / np.maximum(norms, _EPS)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- item-CF
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _knn_block(block: jax.Array, block_norm: jax.Array, features: jax.Array, norms: jax.Array, shrink: float,
+               k: int) -> tuple[jax.Array, jax.Array]:
+  """Row-wise top-k (values [b, k], ids [b, k]) of the shrunk cosine of `block` [b, d] against every item."""
+  sim = (block @ features.T) / (block_norm[:, None] * norms[None, :] + shrink)
+  return jax.lax.top_k(sim, k)
+
+
+def item_knn(features: np.ndarray, k: int = 10, shrink: float = 10.0,
+             block_rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """ItemKNNCBF's S^k as (values [n_items, k] float32, neighbour ids [n_items, k] int32), built in item blocks of
+  `block_rows` rows (default: as many as fit a 64 MB similarity block)."""
+  n_items = features.shape[0]
+  k = min(k, n_items)
+  feats = jnp.asarray(features, jnp.float32)
+  norms = jnp.linalg.norm(feats, axis=1)
+  block = max(1, min(n_items, block_rows or _MAX_BLOCK_ELEMENTS // n_items))
+  values, indices = [], []
+  for start in range(0, n_items, block):
+    rows = np.arange(start, start + block) % n_items  # the last block wraps around: one compiled shape
+    v, i = _knn_block(feats[rows], norms[rows], feats, norms, float(shrink), k=k)
+    n = min(block, n_items - start)
+    values.append(np.asarray(v)[:n])
+    indices.append(np.asarray(i)[:n])
+  return np.concatenate(values), np.concatenate(indices).astype(np.int32)
+
+
+def _cf_topk_fn(knn_val: jax.Array, knn_idx: jax.Array, rows: jax.Array, items: jax.Array, mask_rows: jax.Array,
+                mask_cols: jax.Array, batch: int, k: int) -> jax.Array:
+  """Top-k of R_block S^k: row r gets S^k[items[j]] for every j with rows[j] = r (padding rows = batch: dropped)."""
+  n_items, knn_k = knn_idx.shape
+  scores = jnp.zeros((batch, n_items), jnp.float32)
+  scores = scores.at[jnp.repeat(rows, knn_k), knn_idx[items].reshape(-1)].add(knn_val[items].reshape(-1),
+                                                                             mode="drop")
+  scores = scores.at[mask_rows, mask_cols].set(-jnp.inf, mode="drop")
+  return jax.lax.top_k(scores, k)[1]
+
+
+_cf_topk = jax.jit(_cf_topk_fn, static_argnames=("batch", "k"))
+
+
+def _block_train_items(split: ranking.EvalSplit, start: int, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """(block-local rows, items) of the train items of split users start..start+n, padded to a power of two with
+  row `batch` (dropped by the scatters) so that few shapes are compiled."""
+  lo, hi = split.mask_indptr[start], split.mask_indptr[start + n]
+  size = max(1024, 1 << max(0, int(hi - lo - 1).bit_length()))
+  rows = np.full(size, batch, np.int32)
+  items = np.zeros(size, np.int32)
+  rows[:hi - lo] = np.repeat(np.arange(n, dtype=np.int32), np.diff(split.mask_indptr[start:start + n + 1]))
+  items[:hi - lo] = split.mask_items[lo:hi]
+  return rows, items
+
+
+def item_cf_topk(knn: tuple[np.ndarray, np.ndarray], split: ranking.EvalSplit, k: int = 50,
+                 batch_users: int = 4096) -> np.ndarray:
+  """[n_eval, k] item ids ranked by ItemKNNCBF scores R_u S^k for the split's users, train items masked."""
+  knn_val, knn_idx = (jnp.asarray(a) for a in knn)
+  n_items = split.n_items
+  k = min(k, n_items)
+  batch = max(1, min(batch_users, _MAX_BLOCK_ELEMENTS // n_items, len(split.users)))
+  out = []
+  for start in range(0, len(split.users), batch):
+    n = min(batch, len(split.users) - start)
+    # The train items of these users are both the rows of R (scores) and the entries to mask.
+    rows, cols = _block_train_items(split, start, n, batch)
+    ids = _cf_topk(knn_val, knn_idx, rows, cols, rows, cols, batch=batch, k=k)
+    out.append(np.asarray(ids)[:n])
+  return np.concatenate(out) if out else np.zeros((0, k), np.int32)
+
+
+# --------------------------------------------------------------------------------------------------- mask-modality
+
+def masked_item_set(n_items: int, ratio: float, seed: int, path: str, reuse: str = "") -> np.ndarray:
+  """The sorted ids of the masked items: the first round(ratio * n_items) of a seeded permutation.
+
+  The permutation is saved at `path` (or read from `reuse`, or from `path` if it exists) so that every run masks the
+  same items.
+  """
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"config.probe.mask_ratio={ratio} must lie strictly between 0 and 1")
+  source = os.path.expanduser(reuse) if reuse else (path if os.path.isfile(path) else "")
+  if source:
+    perm = np.load(source)
+    if perm.ndim != 1 or len(perm) != n_items or not np.array_equal(np.sort(perm), np.arange(n_items)):
+      raise mmrec.DataError(f"{source}: expected a permutation of the {n_items} item ids (a mask_items.npy "
+                            "written by a probe run on the same dataset)")
+  else:
+    perm = np.random.default_rng(seed).permutation(n_items)
+  if source != path:  # this workdir keeps the permutation it used
+    _write_npy_atomic(path, perm.astype(np.int64))
+  return np.sort(perm[:int(round(ratio * n_items))])
+
+
+def masked_tables(tables: Mapping[str, np.ndarray], masked: np.ndarray) -> dict[str, np.ndarray]:
+  """{variant: table}: the full table with the masked items' rows from each mask variant, or zeroed if none."""
+  full = tables["full"]
+  out = {}
+  variants = [v for v in ("mask_image", "mask_text") if v in tables]
+  for variant in variants or ["zeroed"]:
+    table = full.copy()
+    table[masked] = tables[variant][masked] if variant in tables else 0.0
+    out[variant] = table
+  return out
+
+
+def _stage2(config, workdir: str, feature_path: str) -> dict:
+  """Trains stage 2 on one feature file in its own workdir (resumable) and returns its best valid/test metrics."""
+  from alignrec_jax.train import recommend  # imported here: zero-shot/item-CF do not need the trainer
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    cfg.stage = "train"
+    cfg.data.synthetic = False  # the probe already generated/loaded the data
+    cfg.data.features_from = ""
+    cfg.data.image_feat = os.path.abspath(feature_path)
+    cfg.data.text_feat = ""
+  result = recommend.run(cfg, workdir)
+  return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
+          "workdir": os.path.abspath(workdir)}
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+def _evaluate_topk(topk_ids: np.ndarray, split: ranking.EvalSplit, ev, item_groups) -> dict:
+  return ranking.metrics_from_topk(topk_ids, split, tuple(ev.topk), tuple(ev.metrics), item_groups=item_groups)
+
+
+def probe_features(features: np.ndarray, data: mmrec.RecData, splits: Mapping[str, ranking.EvalSplit],
+                   classes: Sequence[str], ev: ml_collections.ConfigDict, item_cf_k: int = 10,
+                   item_cf_shrink: float = 10.0, item_groups: Optional[Mapping[str, np.ndarray]] = None
+                   ) -> dict[str, dict]:
+  """Zero-shot and item-CF metrics of one `[n_items, d]` table: {class: {split: metrics}}."""
+  out = {}
+  k = max(ev.topk)
+  if "zero_shot" in classes:
+    user_emb, item_emb = zero_shot_embeddings(features, data)
+    out["zero_shot"] = {
+        name: _evaluate_topk(ranking.topk_items(user_emb, item_emb, split, k, ev.batch_users), split, ev,
+                             item_groups)
+        for name, split in splits.items()}
+  if "item_cf" in classes:
+    knn = item_knn(features, item_cf_k, item_cf_shrink)
+    out["item_cf"] = {
+        name: _evaluate_topk(item_cf_topk(knn, split, k, ev.batch_users), split, ev, item_groups)
+        for name, split in splits.items()}
+  return out
+
+
+def _check_config(config) -> None:
+  unknown = sorted(set(config.probe.classes) - set(CLASSES))
+  if unknown or not config.probe.classes:
+    raise ValueError(f"config.probe.classes={tuple(config.probe.classes)}: expected a non-empty subset of {CLASSES}")
+  if config.probe.item_cf_k < 1 or config.probe.item_cf_shrink < 0:
+    raise ValueError(f"config.probe.item_cf_k={config.probe.item_cf_k} must be >= 1 and item_cf_shrink="
+                     f"{config.probe.item_cf_shrink} >= 0")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Probes every table of `config.probe.features` (see the module docstring); writes <workdir>/results.json."""
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  probe_cfg, ev = config.probe, config.eval
+  specs = [parse_feature_spec(e) for e in probe_cfg.features]
+  names = [n for n, _ in specs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
+
+  data_cfg = copy.deepcopy(config.data)
+  if specs:  # the probed tables replace the dataset's own features: do not require those
+    with data_cfg.unlocked():
+      data_cfg.image_feat, data_cfg.text_feat, data_cfg.features_from = "", "", ""
+  data = mmrec.load_dataset(data_cfg)
+  logging.info("probe on %s", data.summary())
+  splits = {name: ranking.make_eval_split(data, name) for name in ("valid", "test")}
+  item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None
+
+  tables, sources = {}, {}
+  if specs:
+    for name, spec in specs:
+      tables[name] = load_feature_spec(spec, data.n_items, config.data.root, config.seed)
+      sources[name] = spec
+  else:
+    if not data.features:
+      raise ValueError("nothing to probe: config.probe.features is empty and config.data loads no features")
+    for slot, table in data.features.items():
+      tables[slot] = {"full": table}
+      sources[slot] = f"config.data ({slot} slot)"
+
+  results = {"probe": {}, "features": {}, "seconds": {}}
+  popularity = data.item_popularity().astype(np.float32)[:, None]
+  results["probe_reference"] = {"popularity": {
+      name: _evaluate_topk(ranking.topk_items(np.ones((data.n_users, 1), np.float32), popularity, split,
+                                              max(ev.topk), ev.batch_users), split, ev, item_groups)
+      for name, split in splits.items()}}
+  masked = None
+  if "mask_modality" in probe_cfg.classes:
+    mask_path = os.path.join(workdir, "mask_items.npy")
+    masked = masked_item_set(data.n_items, probe_cfg.mask_ratio, config.seed, mask_path,
+                             probe_cfg.get("mask_items", ""))
+    results["mask_items"] = os.path.abspath(mask_path)
+
+  for name, variants in tables.items():
+    full = variants["full"]
+    results["features"][name] = {"source": sources[name], "dim": int(full.shape[1])}
+    t0 = time.time()
+    results["probe"][name] = probe_features(full, data, splits, probe_cfg.classes, ev, probe_cfg.item_cf_k,
+                                            probe_cfg.item_cf_shrink, item_groups)
+    results["seconds"][name] = {"zero_shot_item_cf": round(time.time() - t0, 3)}
+    logging.info("probe %s (%d-d): %s", name, full.shape[1], json.dumps(
+        {c: r["test"].get(ev.valid_metric) for c, r in results["probe"][name].items()}))
+    if masked is not None:
+      t0 = time.time()
+      feat_dir = os.path.join(workdir, "features")
+      os.makedirs(feat_dir, exist_ok=True)
+      runs = {"unmasked": full, **masked_tables(variants, masked)}
+      out = {}
+      for variant, table in runs.items():
+        path = os.path.join(feat_dir, f"{name}.{variant}.npy")
+        _write_npy_atomic(path, table)
+        out[variant] = _stage2(config, os.path.join(workdir, "mask_modality", name, variant), path)
+        logging.info("mask-modality %s/%s: test %s %.4f", name, variant, ev.valid_metric,
+                     out[variant]["test"].get(ev.valid_metric, float("nan")))
+      results["probe"][name]["mask_modality"] = out
+      results["seconds"][name]["mask_modality"] = round(time.time() - t0, 3)
+
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, f"results.json.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+      f.write("\n")
+    os.replace(tmp, os.path.join(workdir, "results.json"))
+  logging.info("\n%s", format_probe_table(results, ev.valid_metric))
+  return results
+
+
+def format_probe_table(results: dict, metric: str = "recall@20") -> str:
+  """One line per feature table: the test `metric` of every class (and of the popularity reference)."""
+  lines = [f"test {metric}"]
+  for name, classes in results.get("probe", {}).items():
+    cells = []
+    for cls, value in classes.items():
+      if cls == "mask_modality":
+        cells += [f"mask/{v}={r['test'].get(metric, float('nan')):.4f}" for v, r in value.items()]
+      else:
+        cells.append(f"{cls}={value['test'].get(metric, float('nan')):.4f}")
+    lines.append(f"  {name:<24} " + "  ".join(cells))
+  pop = results.get("probe_reference", {}).get("popularity")
+  if pop:
+    lines.append(f"  {'(popularity)':<24} {pop['test'].get(metric, float('nan')):.4f}")
+  return "\n".join(lines)
