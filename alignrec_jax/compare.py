@@ -11,9 +11,9 @@ interrupted one resumes from its checkpoint. --config.* overrides apply to every
 hyper-parameters are --config.model.<name>.<key>).
 
 --grid first trains every combination of the model's hyper-parameter grid (its `hyper_grid()`; AlignRec's is
-spec alignrec.md §7, below) with the first seed, in <workdir>/<model>/grid/<i>/, and keeps the combination with the
-best VALID metric (--select_metric, default recall@20; the first one on ties); the test split plays no part in the
-choice. The seeds then run with that combination (the first seed's run is the grid run itself).
+spec alignrec.md §7, below; --grid_keys restricts it to some of its keys) with the first seed, in
+<workdir>/<model>/grid/<key><value>_.../, and keeps the combination with the best VALID metric (--select_metric,
+default recall@20; the first one on ties); the test split plays no part in the choice. The seeds then run with that combination (the first seed's run is the grid run itself).
 
 Output: <workdir>/comparison.json
   {"metrics": [...], "models": {name: {"seeds": [...], "overrides": {...}, "runs": {seed: {"workdir", "best_epoch",
@@ -47,6 +47,8 @@ _MODELS = flags.DEFINE_list("models", ["alignrec", "lightgcn", "vbpr", "bm3", "f
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per model: config.seed, config.seed + 1, ...")
 _GRID = flags.DEFINE_bool("grid", False, "Select each model's hyper-parameters on its grid (valid metric) first.")
 _SELECT = flags.DEFINE_string("select_metric", "recall@20", "Valid metric that selects the grid combination.")
+_GRID_KEYS = flags.DEFINE_list("grid_keys", [], "With --grid: search only these grid keys (e.g. "
+                               "model.vbpr.reg_weight); the others keep their config values. Empty = every key.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -124,14 +126,25 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
   return recommend.run(run_config, workdir)
 
 
-def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str) -> tuple[dict, list, str]:
-  """(best overrides, every grid run's summary, the best run's workdir) on the VALID `metric`."""
-  combos = grid_combinations(hyper_grid(model_name))
+def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str,
+                   grid_keys=()) -> tuple[dict, list, str]:
+  """(best overrides, every grid run's summary, the best run's workdir) on the VALID `metric`.
+
+  grid_keys: search only these keys of the model's grid (the others keep their config values); () = all.
+  """
+  grid = hyper_grid(model_name)
+  if grid_keys:
+    unknown = sorted(set(grid_keys) - set(grid))
+    if unknown:
+      raise ValueError(f"--grid_keys {unknown} are not in the grid of {model_name!r}: {sorted(grid)}")
+    grid = {k: v for k, v in grid.items() if k in grid_keys}
+  combos = grid_combinations(grid)
   if not combos or combos == [{}]:
     return {}, [], ""
   summaries, best, best_value, best_dir = [], {}, -math.inf, ""
   for i, overrides in enumerate(combos):
-    run_dir = os.path.join(workdir, model_name, "grid", str(i))
+    name = "_".join(f"{k.split('.')[-1]}{v}" for k, v in overrides.items())  # e.g. lr0.001_reg_weight0.1
+    run_dir = os.path.join(workdir, model_name, "grid", name)
     results = train_once(config, model_name, seed, overrides, run_dir)
     if metric not in results.get("valid", {}):
       raise ValueError(f"valid metric {metric!r} missing from {run_dir}/results.json (has "
@@ -178,7 +191,7 @@ def markdown_table(comparison: dict, metrics=TABLE_METRICS) -> str:
 
 
 def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False,
-            select_metric: str = "recall@20") -> dict:
+            select_metric: str = "recall@20", grid_keys=()) -> dict:
   """Trains every model × seed (after the grid selection with `grid`) and writes comparison.json / .md."""
   from alignrec_jax.models import get_model
   if n_seeds < 1:
@@ -192,7 +205,7 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
   for name in models:
     overrides, grid_runs, grid_dir = ({}, [], "")
     if grid:
-      overrides, grid_runs, grid_dir = select_on_grid(config, name, seeds[0], workdir, select_metric)
+      overrides, grid_runs, grid_dir = select_on_grid(config, name, seeds[0], workdir, select_metric, grid_keys)
     runs = {}
     for seed in seeds:
       run_dir = os.path.join(workdir, name, f"seed{seed}")
@@ -217,7 +230,7 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = os.path.expanduser(_WORKDIR.value)
   comparison = compare(_CONFIG.value, [m.strip() for m in _MODELS.value if m.strip()], _SEEDS.value, workdir,
-                       _GRID.value, _SELECT.value)
+                       _GRID.value, _SELECT.value, tuple(_GRID_KEYS.value))
   print("\n" + markdown_table(comparison))
   print(f"comparison: {os.path.join(workdir, 'comparison.json')}, {os.path.join(workdir, 'comparison.md')}")
   sys.stdout.flush()

@@ -87,3 +87,9 @@ def test_compare_two_models_two_seeds(tmp_path):
   assert again["models"]["bprmf"]["runs"]["5"] == result["models"]["bprmf"]["runs"]["5"]
   with pytest.raises(ValueError, match="different run"):
     compare.train_once(config, "bprmf", 5, {"model.bprmf.reg_weight": 1.0}, os.path.join(out, "bprmf", "seed5"))
+
+
+def test_grid_keys_restrict_the_grid_and_unknown_keys_fail(tmp_path):
+  config = base.get_base_config()
+  with pytest.raises(ValueError, match="not in the grid of 'vbpr'"):
+    compare.select_on_grid(config, "vbpr", 0, str(tmp_path), "recall@20", ("model.vbpr.nope",))
