@@ -106,7 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- probe (intermediate evaluations)
   config.probe = probe = ml_collections.ConfigDict()
-  probe.features = ()           # .npy files, stage-1 workdirs or random:<d>, each optionally 'name=spec' (eval/probes.py)
+  probe.features = ()           # .npy files, stage-1 workdirs or random:<d>, each optionally 'name=spec' (probes.py)
   probe.classes = ("zero_shot", "item_cf")  # + "mask_modality" (trains stage 2 per table and variant, config.train)
   probe.mask_ratio = 0.5
   probe.mask_items = ""         # reuse another probe run's mask_items.npy ("" = draw from config.seed, save in workdir)

@@ -1,0 +1,102 @@
+"""The Markdown report: runs side by side with the best value in bold, probe and long-tail tables, PNG plots."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignrec_jax import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metrics(r20, groups=None):
+  out = {"recall@10": r20 / 2, "recall@20": r20, "ndcg@10": r20 / 3, "ndcg@20": r20 / 2.5}
+  if groups:
+    out["groups"] = {"head": {"recall@20": r20 * groups}, "tail": {"recall@20": r20 * (1 - groups)}}
+  return out
+
+
+def _write(path, results):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f)
+  return str(path)
+
+
+def _train_run(path, r20, history_len=3):
+  return _write(path, {"best_epoch": history_len - 1, "valid": _metrics(r20 + 0.01), "test": _metrics(r20, 0.7),
+                       "valid_metric": "recall@20",
+                       "history": [{"epoch": e, "loss": 1.0 / (e + 1), "valid_recall@20": r20 * (e + 1) / history_len}
+                                   for e in range(history_len)]})
+
+
+def _probe_run(path):
+  cls = lambda r: {"valid": _metrics(r), "test": _metrics(r, 0.8)}
+  return _write(path, {
+      "probe": {"text": {"zero_shot": cls(0.20), "item_cf": cls(0.23),
+                         "mask_modality": {"unmasked": {**cls(0.30), "best_epoch": 5},
+                                           "zeroed": {**cls(0.27), "best_epoch": 4}}},
+                "random": {"zero_shot": cls(0.015), "item_cf": cls(0.013)}},
+      "probe_reference": {"popularity": cls(0.12)},
+      "features": {"text": {"source": "text.npy", "dim": 384}, "random": {"source": "random:384", "dim": 384}}})
+
+
+def test_report_tables_bold_the_best_and_cover_probe_and_longtail(tmp_path):
+  a = _train_run(tmp_path / "seed1" / "run", 0.30)
+  b = _train_run(tmp_path / "seed2" / "run", 0.25)
+  p = _probe_run(tmp_path / "probe")
+  path = report.build_report([a, b, p], str(tmp_path / "out"))
+  text = open(path, encoding="utf-8").read()
+  # Two runs named 'run' are told apart by their parent folder.
+  assert "| seed1/run | 2 | **0.3100** | **0.1500** | **0.3000** |" in text
+  assert "| seed2/run | 2 | 0.2600 | 0.1250 | 0.2500 |" in text
+  # Probe: per class, the better feature table in bold; the popularity reference is never bold.
+  assert "| text | zero_shot | **0.2000** |" in text and "| random | zero_shot | 0.0150 |" in text
+  assert "| text | mask_modality/zeroed | **0.2700** |" in text
+  assert "| (popularity) | – | 0.1200 | 0.0600 | 0.1200 | 0.0400 | 0.0480 |" in text
+  assert "## Long-tail items" in text and "| seed1/run | 0.2100 | **0.0900** |" in text
+  assert "| probe: text mask_modality/unmasked | **0.2400** | 0.0600 |" in text
+  assert "text (384-d, text.npy)" in text
+
+
+def test_report_draws_the_plots(tmp_path):
+  pytest.importorskip("matplotlib", reason="matplotlib is the report's optional extra (requirements-report.txt)")
+  a = _train_run(tmp_path / "a", 0.3)
+  p = _probe_run(tmp_path / "probe")
+  path = report.build_report([a, p])  # default out: <first workdir>/report
+  assert path == os.path.join(a, "report", "report.md")
+  for name in ("curves.png", "probe.png", "longtail.png"):
+    png = os.path.join(a, "report", name)
+    with open(png, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert f"]({name})" in open(path, encoding="utf-8").read()
+
+
+def test_report_without_matplotlib_keeps_the_tables(tmp_path, monkeypatch):
+  monkeypatch.setattr(report, "_pyplot", lambda: None)
+  path = report.build_report([_train_run(tmp_path / "a", 0.3)], str(tmp_path / "out"))
+  text = open(path, encoding="utf-8").read()
+  assert "Plots skipped" in text and "requirements-report.txt" in text and "| a |" in text
+  assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".png")]
+
+
+def test_report_errors_name_the_missing_or_bad_file(tmp_path):
+  with pytest.raises(ValueError, match="results.json not found"):
+    report.build_report([str(tmp_path)])
+  (tmp_path / "results.json").write_text("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    report.build_report([str(tmp_path)])
+  with pytest.raises(ValueError, match="no workdirs"):
+    report.build_report([])
+
+
+def test_command_line(tmp_path):
+  a = _train_run(tmp_path / "a", 0.3)
+  out = subprocess.run([sys.executable, "-m", "alignrec_jax.report", a, f"--out={tmp_path / 'o'}",
+                        "--metrics=recall@20,ndcg@20"], cwd=REPO, capture_output=True, text=True, check=True)
+  assert "report:" in out.stdout
+  text = (tmp_path / "o" / "report.md").read_text()
+  assert "| run | best epoch | valid recall@20 | test recall@20 | test ndcg@20 |" in text
