@@ -8,7 +8,7 @@ Each entry of `config.probe.features` is one feature table, optionally named as 
   * a `.npy` file (absolute, or relative to the working directory or to `config.data.root`), row i = itemID i;
   * a stage-1 workdir (its orbax feature checkpoint, via train/bridge.py; the mask variants come with it);
   * `random:<d>`: Gaussian features of width d drawn from `config.seed` (the "no information" reference).
-An empty list probes the features that `config.data` itself loads.
+An empty list probes the features that `config.data` itself loads (`data.features_from`, else the feature slots).
 
 Metric classes (`config.probe.classes`), all evaluated with the MMRec full-ranking protocol of eval/ranking.py:
   zero_shot      no training: a user is the mean of the raw features of their train items, items are ranked by
@@ -302,6 +302,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   probe_cfg, ev = config.probe, config.eval
   specs = [parse_feature_spec(e) for e in probe_cfg.features]
+  if not specs and config.data.get("features_from", ""):  # a stage-1 workdir: with its mask variants
+    specs = [parse_feature_spec(config.data.features_from)]
   names = [n for n, _ in specs]
   if len(set(names)) != len(names):
     raise ValueError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
