@@ -15,6 +15,7 @@ same workdir resumes from the latest checkpoint.
 """
 
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -32,6 +33,14 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO lines of orbax and tfds (several per checkpoint); their warnings and errors still show."""
+  _NOISY = (os.sep + "orbax" + os.sep, os.sep + "tensorflow_datasets" + os.sep)
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or not any(part in record.pathname for part in self._NOISY)
 
 
 def _initialise_jax(config) -> None:
@@ -126,6 +135,7 @@ def parse_flags(argv):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from alignrec_jax.train import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
