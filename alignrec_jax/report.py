@@ -242,9 +242,10 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
       lines += [f"### `{name}`", "",
                 "Feature tables: " + ", ".join(f"{f} ({d.get('dim')}-d, {d.get('source')})" for f, d in dims.items()),
                 ""]
-      # Bold within each class: the question is which feature table wins a class.
-      for cls in dict.fromkeys(r[1] for r in rows if r[1] != "–"):
-        sub = [r for r in rows if r[1] == cls] + [rows[i] for i in reference]
+      # Bold within each class (mask-modality variants together): which feature table wins a class.
+      for family in dict.fromkeys(r[1].split("/")[0] for r in rows if r[1] != "–"):
+        sub = [r for r in rows if r[1].split("/")[0] == family] + [rows[i] for i in reference]
+        cls = family
         lines += [f"**{cls}**", "", markdown_table(header, sub, bold_from=2,
                                                    no_bold_rows=range(len(sub) - len(reference), len(sub))), ""]
 
@@ -253,9 +254,11 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     groups = list(dict.fromkeys(g for _, gs in entries for g in gs))
     header = ["evaluation"] + [f"{g} {main_metric}" for g in groups]
     rows = [(label, *[gs.get(g, {}).get(main_metric) for g in groups]) for label, gs in entries]
+    references = [i for i, (label, _) in enumerate(entries) if label.endswith("(popularity)")]
     lines += ["## Long-tail items", "",
               f"Test {main_metric} split by train-popularity group of the hit items (the groups add up to the "
-              "overall value); best per column in bold.", "", markdown_table(header, rows), ""]
+              "overall value); best per column in bold (popularity rows are references).", "",
+              markdown_table(header, rows, no_bold_rows=references), ""]
 
   plots = []
   if plt is None:

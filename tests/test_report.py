@@ -55,7 +55,7 @@ def test_report_tables_bold_the_best_and_cover_probe_and_longtail(tmp_path):
   assert "| seed2/run | 2 | 0.2600 | 0.1250 | 0.2500 |" in text
   # Probe: per class, the better feature table in bold; the popularity reference is never bold.
   assert "| text | zero_shot | **0.2000** |" in text and "| random | zero_shot | 0.0150 |" in text
-  assert "| text | mask_modality/zeroed | **0.2700** |" in text
+  assert "| text | mask_modality/unmasked | **0.3000** |" in text and "| text | mask_modality/zeroed | 0.2700 |" in text
   assert "| (popularity) | – | 0.1200 | 0.0600 | 0.1200 | 0.0400 | 0.0480 |" in text
   assert "## Long-tail items" in text and "| seed1/run | 0.2100 | **0.0900** |" in text
   assert "| probe: text mask_modality/unmasked | **0.2400** | 0.0600 |" in text
