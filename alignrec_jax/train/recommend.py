@@ -14,6 +14,7 @@ after the last finished epoch and ends exactly as an uninterrupted run. Results 
   {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}], ...}
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -81,6 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = get_model(config.model.name)(config)
   t0 = time.time()
   inputs = model.build_inputs(data)
+  data = dataclasses.replace(data, features={})  # the model holds what it needs; free the host copy
   logging.info("graphs and inputs built in %.1fs", time.time() - t0)
   devices = parallel.local_devices(config.train.num_devices)
   n_dev = len(devices)
@@ -101,7 +103,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
                    meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
     if not meta["stopped_early"]:  # a run that reached train.epochs continues if train.epochs grew
-      meta = _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, meta, devices)
+      # Handed over in a dict that _train empties: no unreplicated copy stays alive in this frame.
+      carry = {"inputs": inputs, "params": params, "opt_state": opt_state}
+      del inputs, params, opt_state
+      meta = _train(config, model, carry, data, tx, sampler, ckpt, meta, devices)
   finally:
     ckpt.close()
   results = _results(meta, config)
@@ -111,21 +116,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, meta, devices) -> dict:
+def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict:
   n_dev = len(devices)
   valid_split = ranking.make_eval_split(data, "valid")
   test_split = ranking.make_eval_split(data, "test")
   ev = config.eval
-  representations = jax.jit(model.representations)
+  # Representations are computed on the replicated state (device 0's output), so no unreplicated copy of the
+  # inputs and parameters has to live beside the replicated one.
+  representations = jax.pmap(model.representations, devices=list(devices))
 
   def evaluate(user_emb, item_emb, split):
     return ranking.evaluate(user_emb, item_emb, split, topk=tuple(ev.topk), batch_users=ev.batch_users,
                             metrics=tuple(ev.metrics))
 
   step_fn = parallel.pmap_train_step(model.loss, tx, devices)
-  p_params, p_opt = parallel.replicate((params, opt_state), devices)
-  p_inputs = parallel.replicate(inputs, devices)
-  del params, opt_state
+  inputs = carry.pop("inputs")
+  p_params, p_opt = parallel.replicate((carry.pop("params"), carry.pop("opt_state")), devices)
+  p_eval_inputs = p_inputs = parallel.replicate(inputs, devices)
+  if not hasattr(model, "epoch_inputs"):
+    del inputs  # only the replicated copy is needed
   valid_key = ev.valid_metric
   for epoch in range(meta["epoch"] + 1, config.train.epochs):
     lr = learning_rate(config.optim, epoch)
@@ -152,8 +161,7 @@ def _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, me
     train_s = time.time() - t0
 
     t0 = time.time()
-    params = parallel.unreplicate(p_params)
-    user_emb, item_emb = representations(params, inputs)
+    user_emb, item_emb = parallel.unreplicate(representations(p_params, p_eval_inputs))
     valid = evaluate(user_emb, item_emb, valid_split)
     test = evaluate(user_emb, item_emb, test_split)
     eval_s = time.time() - t0
@@ -171,7 +179,7 @@ def _train(config, model, inputs, data, params, opt_state, tx, sampler, ckpt, me
                             f"valid_{valid_key}": value, f"test_{valid_key}": test[valid_key],
                             "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
     meta.update(epoch=epoch, sampler_state=sampler.get_state(), stopped_early=stop)
-    ckpt.save(epoch + 1, params, parallel.unreplicate(p_opt), meta, improved, value)
+    ckpt.save(epoch + 1, parallel.unreplicate(p_params), parallel.unreplicate(p_opt), meta, improved, value)
     logging.info("epoch %d: loss %.4f (bpr %.4f, cca %.4f, sim %.4f) lr %.2e, train %.1fs | valid %s %.4f, test %s "
                  "%.4f, eval %.2fs%s", epoch, means["loss"], means.get("bpr", 0.0), means.get("cca", 0.0),
                  means.get("sim", 0.0), lr, train_s, valid_key, value, valid_key, test[valid_key], eval_s,

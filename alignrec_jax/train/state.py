@@ -3,7 +3,7 @@
 A checkpoint (one per finished epoch, step = number of finished epochs) holds
   state: {"params", "opt_state"} (host copies; restored into the structure of a freshly initialised state)
   meta:  JSON: epoch, the sampler's RNG state, early-stopping state (best valid value, best epoch, epochs without
-         improvement), the best epoch's valid and test metrics, the per-epoch history and `finished`.
+         improvement), the best epoch's valid and test metrics, the per-epoch history and `stopped_early`.
 The manager keeps the latest `keep_latest` checkpoints and the best one (the last epoch that improved the valid
 metric). Writes are synchronous and orbax finalises a step by an atomic rename, so a run killed at any moment leaves
 the previous complete checkpoint to resume from.
