@@ -42,8 +42,12 @@ def info_nce(view1_local: jax.Array, view2_all: jax.Array, positive: jax.Array, 
 
 
 def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
-  """[n, d] x [m, d] -> [n, m] cosine similarities (the reference's build_sim: x / ‖x‖, no epsilon)."""
-  return (a / jnp.linalg.norm(a, axis=-1, keepdims=True)) @ (b / jnp.linalg.norm(b, axis=-1, keepdims=True)).T
+  """[n, d] x [m, d] -> [n, m] cosine similarities (the reference's build_sim, x / ‖x‖).
+
+  A zero row (a feature masked by zeroing, in the mask-modality probe) gets similarity 0 rather than the reference's
+  NaN, as torch's F.normalize would give; other rows are unchanged.
+  """
+  return _normalize(a) @ _normalize(b).T
 
 
 def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: jax.Array, feat_all: jax.Array,
@@ -63,7 +67,7 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
   both the values and the gradients add up across shards.
   """
   def rows_normalised(f, w):
-    return jax.lax.stop_gradient(f / jnp.linalg.norm(f, axis=-1, keepdims=True) * w[:, None])
+    return jax.lax.stop_gradient(_normalize(f) * w[:, None])
 
   e_l, e_g = emb_local * weight_local[:, None], emb_all * weight_all[:, None]
   n_l, n_g = rows_normalised(feat_local, weight_local), rows_normalised(feat_all, weight_all)

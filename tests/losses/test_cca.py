@@ -42,6 +42,16 @@ def test_similarity_preserving_hand_computed():
   assert float(got) == pytest.approx(want, rel=1e-6)
 
 
+def test_similarity_preserving_zero_feature_row_has_similarity_zero():
+  # A zeroed feature row (mask-modality probe) has cosine 0 to every row, itself included, instead of NaN.
+  emb = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  feat = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+  w = jnp.ones(2)
+  want = math.sqrt((1 - 1) ** 2 + 0 + 0 + (4 - 0) ** 2) / 2
+  got = cca.similarity_preserving(emb, emb, feat, feat, w, w, 2.0)
+  assert float(got) == pytest.approx(want, rel=1e-6)
+
+
 def test_similarity_preserving_gradient_is_that_of_the_norm_and_stops_at_the_features():
   rng = np.random.default_rng(0)
   emb = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
