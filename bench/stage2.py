@@ -118,15 +118,16 @@ def main(argv):
   jax.block_until_ready(m)
   first_step_s = time.perf_counter() - t0
 
-  epoch_times, step_times = [], []
+  epoch_times, epoch_cpu, step_times = [], [], []
   for _ in range(_EPOCHS.value):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in sampler.epoch(len(devices)):
       ts = time.perf_counter()
       p_params, p_opt, m = step_fn(p_params, p_opt, p_inputs, batch)
       loss = float(jax.block_until_ready(m)["loss"][0])
       step_times.append(time.perf_counter() - ts)
     epoch_times.append(time.perf_counter() - t0)
+    epoch_cpu.append(time.process_time() - c0)
     print(f"epoch {len(epoch_times) - 1}: {epoch_times[-1]:.2f}s ({sampler.steps_per_epoch} steps), loss {loss:.4f}",
           flush=True)
   step_s = statistics.median(step_times)
@@ -150,8 +151,11 @@ def main(argv):
 
   result = {"epoch_s": round(statistics.median(epoch_times), 3), "eval_s": round(eval_s, 3),
             "compile_s": round(first_step_s - step_s + eval_first_s - eval_s, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "step_s": round(step_s, 4), "steps_per_epoch":
-            sampler.steps_per_epoch, "graph_build_s": round(graph_s, 3), "feature_dim": _DIM.value,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            # CPU seconds of this process per epoch (all threads): a load-independent cross-check of epoch_s
+            "epoch_cpu_s": round(statistics.median(epoch_cpu), 3), "cpus": os.cpu_count(),
+            "step_s": round(step_s, 4), "steps_per_epoch": sampler.steps_per_epoch,
+            "graph_build_s": round(graph_s, 3), "feature_dim": _DIM.value,
             "devices": len(devices), "platform": jax.default_backend(), "load_avg_1m": os.getloadavg()[0]}
   if _PROFILE.value:
     batch = {k: v.reshape(-1) for k, v in first_batch.items()}

@@ -55,8 +55,8 @@ def _fresh_meta() -> dict:
 
 def _results(meta: dict, config) -> dict:
   return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
-          "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1, "stopped_early": meta["stopped_early"],
-          "history": meta["history"]}
+          "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1,
+          "stopped_early": meta["stopped_early"], "history": meta["history"]}
 
 
 def _check_config(config) -> None:

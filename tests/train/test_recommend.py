@@ -135,8 +135,9 @@ def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):
 
 
 def _main(workdir, root, epochs, log):
-  cmd = [sys.executable, "-m", "alignrec_jax.main", f"--config={os.path.join(REPO, 'tests', 'train', 'tiny_config.py')}",
-         f"--workdir={workdir}", f"--config.data.root={root}", f"--config.train.epochs={epochs}"]
+  config = os.path.join(REPO, "tests", "train", "tiny_config.py")
+  cmd = [sys.executable, "-m", "alignrec_jax.main", f"--config={config}", f"--workdir={workdir}",
+         f"--config.data.root={root}", f"--config.train.epochs={epochs}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   with open(log, "a", encoding="utf-8") as f:  # a file, not a pipe: a full pipe would block the logging child
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
