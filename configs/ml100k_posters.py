@@ -9,7 +9,7 @@ restored from the stage-1 orbax checkpoint. Each stage skips what the workdir al
 
 Measured here (2 shared CPU cores; see bench/stage1_quality.py and the stage-1 note of the closing notes):
   ICA (ITC on, 400 steps, batch 64, seed 999): MLM 7.61 -> 2.71 (masked-word accuracy 0.00 -> 0.51), MIM 2.11 -> 0.90,
-  ITC 5.26 -> about 0.04; about 30-46 items/s once compiled, about 12 min for the 400 steps on the loaded machine.
+  ITC 5.26 -> about 0.04; about 30-46 items/s once compiled, about 17 min for the 400 steps on the loaded machine (12 min without ITC).
   Zero-shot Recall@20 (bench/stage1_quality.py), pre-trained vs the same encoder at its random initialisation:
   test 0.0256 vs 0.0196, valid 0.0226 vs 0.0264: NOT a clear win (text-masked variant, i.e. image only: test 0.0309 vs 0.0149).
   Without ITC (--config.pretrain.itc_weight=0): test 0.0229 vs 0.0196, valid 0.0201 vs 0.0264.
