@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One short GPU check (under 8 minutes): install the CUDA build of the pinned JAX, then run the stage-2 bench on
+# the Baby-scale data and the stage-1 bench at `base` size, printing epoch time, evaluation time and memory.
+# Run from the repository root on a GPU machine with ../shared/data beside the repository:
+#   bash bench/gpu_check.sh            (writes bench JSON lines to ${OUT:-/tmp}/gpu_check.jsonl)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp}
+JAX_VERSION=$(grep '^jax==' requirements.txt | cut -d= -f3)
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
+  "$PYTHON" -m pip install -q -r requirements.txt "jax[cuda12]==${JAX_VERSION}"
+fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
+{
+  timeout 300 "$PYTHON" bench/stage2.py --feat_dim=4096 2>&1 | tail -n 3
+  timeout 120 "$PYTHON" bench/stage2.py --feat_dim=768 2>&1 | tail -n 3
+  timeout 120 "$PYTHON" bench/stage1.py --base_only 2>&1 | tail -n 3
+} | tee "$OUT/gpu_check.jsonl"
