@@ -26,13 +26,18 @@ from ml_collections import config_flags
 
 STAGES = ("pretrain", "extract", "train", "all", "probe")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-process runs: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when main.py runs as the program, so that importing this module (tests,
+  other entry points such as compare.py that define their own --config) adds no flags."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.json.")
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-process runs: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+  flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -137,9 +142,10 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from alignrec_jax.train import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  config = _CONFIG.value
-  workdir = os.path.expanduser(_WORKDIR.value)
+  FLAGS = flags.FLAGS
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  config = FLAGS.config
+  workdir = os.path.expanduser(FLAGS.workdir)
   results = run(config, workdir)
   table = format_metrics_table(results)
   if table:
@@ -152,4 +158,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
