@@ -146,7 +146,12 @@ def main(argv) -> None:
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   workdir = os.path.expanduser(FLAGS.workdir)
-  results = run(config, workdir)
+  from alignrec_jax.data.mmrec import DataError
+  try:
+    results = run(config, workdir)
+  except (DataError, FloatingPointError) as e:  # bad input or a diverged run: the message says what and where
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
   table = format_metrics_table(results)
   if table:
     best = results.get("best_epoch")

@@ -43,3 +43,11 @@ def test_metrics_table():
   table = cli.format_metrics_table(results).splitlines()
   assert table[0].split() == ["split", "recall@10", "recall@20"]
   assert table[2].split() == ["test", "0.1500", "0.2500"]
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+  proc = _run_cli("--config=configs/lfm2k.py", f"--workdir={tmp_path}", "--config.stage=train",
+                  f"--config.data.root={tmp_path / 'nowhere'}")
+  assert proc.returncode != 0
+  assert "error: interaction file not found:" in proc.stderr and "lfm2k.inter" in proc.stderr
+  assert "Traceback" not in proc.stderr

@@ -125,9 +125,12 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
   # inputs and parameters has to live beside the replicated one.
   representations = jax.pmap(model.representations, devices=list(devices))
 
+  # Long-tail analysis: metrics split by train-popularity groups (eval.popularity_groups, e.g. (0.2,) = head/tail).
+  item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None
+
   def evaluate(user_emb, item_emb, split):
     return ranking.evaluate(user_emb, item_emb, split, topk=tuple(ev.topk), batch_users=ev.batch_users,
-                            metrics=tuple(ev.metrics))
+                            metrics=tuple(ev.metrics), item_groups=item_groups)
 
   step_fn = parallel.pmap_train_step(model.loss, tx, devices)
   inputs = carry.pop("inputs")

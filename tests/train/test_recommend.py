@@ -172,3 +172,15 @@ def test_sigkill_mid_run_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
   b = json.loads((tmp_path / "whole" / "results.json").read_text())
   assert a["best_epoch"] == b["best_epoch"] and a["valid"] == b["valid"] and a["test"] == b["test"]
   assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_popularity_groups_are_reported_and_add_up(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=1)
+  config.eval.popularity_groups = (0.2,)
+  results = recommend.run(config, str(tmp_path / "run"))
+  groups = results["test"]["groups"]
+  assert set(groups) == {"head", "tail"}
+  # each group's value is its share of the overall metric (values are rounded to 4 decimals, as MMRec prints)
+  assert groups["head"]["recall@20"] + groups["tail"]["recall@20"] == pytest.approx(
+      results["test"]["recall@20"], abs=2e-4)
