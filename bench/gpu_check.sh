@@ -15,7 +15,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
 {
-  timeout 300 "$PYTHON" bench/stage2.py --feat_dim=4096 2>&1 | tail -n 3
-  timeout 120 "$PYTHON" bench/stage2.py --feat_dim=768 2>&1 | tail -n 3
-  timeout 120 "$PYTHON" bench/stage1.py --base_only 2>&1 | tail -n 3
+  timeout 300 "$PYTHON" bench/stage2.py --feature_dim=4096 2>&1 | tail -n 3
+  timeout 120 "$PYTHON" bench/stage2.py --feature_dim=768 2>&1 | tail -n 3
+  timeout 120 "$PYTHON" bench/stage1.py --steps=20 --base_steps=3 --base_batch=16 --vocab=64000 2>&1 | tail -n 3
 } | tee "$OUT/gpu_check.jsonl"
