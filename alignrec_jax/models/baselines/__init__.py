@@ -216,3 +216,21 @@ class Baseline:
 
   def forward(self, params: dict, inputs, **kwargs):
     return self.net(inputs).apply({"params": params}, inputs, **kwargs)
+
+  def bpr_reg_loss(self, params: dict, inputs, batch: dict, axis_name: Optional[str] = None):
+    """MMRec's BPR + reg_weight * EmbLoss on the scoring representations: this shard's share (module docstring).
+
+    The loss of the models that score with `forward`'s (users, items) and add nothing else (BPR-MF, VBPR).
+    batch[*]: [b].
+    """
+    users, items = self.forward(params, inputs)
+    whole, _ = gather_batch(batch, axis_name)
+    w = batch["weight"].astype(jnp.float32)
+    n_real = real_rows(whole)
+    u, p, n = users[batch["users"]], items[batch["pos"]], items[batch["neg"]]
+    mf = mmrec_bpr(jnp.sum(u * p, -1), jnp.sum(u * n, -1), w, n_real)
+    w_all = whole["weight"].astype(jnp.float32)
+    reg = emb_loss([users[whole["users"]], items[whole["pos"]], items[whole["neg"]]], w_all, n_real)
+    reg = reg * share(w, n_real)
+    total = mf + self.hp.reg_weight * reg
+    return total, {"loss": total, "bpr": mf, "reg": reg}

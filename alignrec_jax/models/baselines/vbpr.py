@@ -76,14 +76,4 @@ class VBPR(B.Baseline):
   def loss(self, params: dict, inputs: VBPRInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
     """This shard's share of the batch loss (module docstring). batch[*]: [b]."""
-    users, items = self.forward(params, inputs)
-    whole, _ = B.gather_batch(batch, axis_name)
-    w = batch["weight"].astype(jnp.float32)
-    n_real = B.real_rows(whole)
-    u, p, n = users[batch["users"]], items[batch["pos"]], items[batch["neg"]]
-    mf = B.mmrec_bpr(jnp.sum(u * p, -1), jnp.sum(u * n, -1), w, n_real)
-    w_all = whole["weight"].astype(jnp.float32)
-    reg = B.emb_loss([users[whole["users"]], items[whole["pos"]], items[whole["neg"]]], w_all, n_real)
-    reg = reg * B.share(w, n_real)
-    total = mf + self.hp.reg_weight * reg
-    return total, {"loss": total, "bpr": mf, "reg": reg}
+    return self.bpr_reg_loss(params, inputs, batch, axis_name)
