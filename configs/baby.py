@@ -19,26 +19,4 @@ from configs import base
 
 
 def get_config():
-  config = base.get_base_config()
-  config.stage = "train"
-  config.data.name = "baby"
-  config.data.root = "data/baby"
-  config.data.image_feat = ("../beit3_128token_add_title_brand_to_text/baby_beit3_128token_add_title_brand_to_text/"
-                            "image_feat.npy")
-  config.data.text_feat = ""
-
-  config.model.embedding_size = 64
-  config.model.n_ui_layers = 2
-  config.model.n_ii_layers = 1
-  config.model.knn_k = 10
-
-  config.optim.lr = 5e-4
-  config.loss.cl_weight = 0.01
-  config.loss.sim_weight = 0.1
-  config.loss.ui_cosine_weight = 0.1
-  config.loss.reg_weight = 1e-4
-
-  config.train.batch_size = 2048
-  config.train.epochs = 1000
-  config.train.stopping_step = 30
-  return config
+  return base.get_amazon_paper_config("baby")
