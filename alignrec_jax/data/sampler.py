@@ -61,11 +61,13 @@ class BPRSampler:
       bad = bad[self._in_train(users[bad], neg[bad])]
     return neg
 
-  def epoch(self, n_shards: int = 0) -> Iterator[dict]:
+  def epoch(self, n_shards: int = 0, rows: slice = slice(None)) -> Iterator[dict]:
     """Yields the batches of one epoch: dicts of `users`, `pos`, `neg` (int32) and `weight` (float32).
 
     Shapes: [batch_size], or [n_shards, batch_size / n_shards] when n_shards > 0. The whole epoch (order and
     negatives) is drawn up front, so the generator state after this call is that of the next epoch.
+    `rows` keeps only those shards of every batch: under `jax.distributed` each process draws the same global
+    batches (same seed, same state) and keeps the shards of its own devices (train/parallel.py, `local_rows`).
     """
     if n_shards and self.batch_size % n_shards:
       raise ValueError(f"config.train.batch_size={self.batch_size} must be divisible by the number of devices "
@@ -83,7 +85,7 @@ class BPRSampler:
     for step in range(self.steps_per_epoch):
       sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
       batch = {k: v[sl] for k, v in arrays.items()}
-      yield shard(batch, n_shards) if n_shards else batch
+      yield {k: v[rows] for k, v in shard(batch, n_shards).items()} if n_shards else batch
 
   def get_state(self) -> str:
     """The generator state as a JSON string (checkpointed with the model)."""

@@ -1,4 +1,5 @@
-"""Data parallelism over the local devices with `jax.pmap` (1 CPU, 8 GPUs or a TPU host: the same code).
+"""Data parallelism with `jax.pmap` over every device of every process (1 CPU, 8 GPUs, a TPU host or several
+hosts under `jax.distributed`: the same code).
 
 The per-device train step is a plain function of (params, opt_state, inputs, batch shard) with a named axis, so
 `shard_map` could run it unchanged. Every device holds the full parameters and graphs (replicated), computes the
@@ -6,19 +7,31 @@ full-graph representations, and the loss of its shard of the global batch. A mod
 SHARE of the whole batch's loss (see alignrec_jax.models), so the gradients are `psum`med: the sum of the shares'
 gradients is exactly the gradient of the whole batch's loss over its real rows, also when the padded last batch
 leaves some shards with fewer real rows (a `pmean` of per-shard means would weight those shards wrongly).
+
+Several processes (multi-controller JAX): the pmap spans the global device list, process-major (process 0's
+local devices, then process 1's, ...), which is also the order of the pmap axis index. Every process draws the same
+global batch from the same seed and feeds only its own rows `local_rows(devices)` of the [n_devices, ...] shards;
+replicated values are placed on its local devices only; the collectives (psum) run over all devices. So N
+processes with D devices each compute exactly what one process with N * D devices does.
 """
 
 from typing import Any, Callable, Sequence
 
 import flax.jax_utils
 import jax
+import numpy as np
 import optax
 
 AXIS = "batch"
 
 
+def global_devices() -> list:
+  """Every process's local devices, process-major: the pmap axis index of a device is its position here."""
+  return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+
+
 def local_devices(num_devices: int = 0) -> list:
-  """The first `num_devices` local devices (0 = all of them)."""
+  """The first `num_devices` local devices (0 = all of them); single-process pmaps (benches)."""
   devices = jax.local_devices()
   if num_devices < 0 or num_devices > len(devices):
     raise ValueError(f"config.train.num_devices={num_devices}, but this process has {len(devices)} local device(s) "
@@ -26,14 +39,54 @@ def local_devices(num_devices: int = 0) -> list:
   return devices[:num_devices or len(devices)]
 
 
+def train_devices(num_devices: int = 0) -> list:
+  """The devices a training pmap spans: the first `num_devices` local ones (0 = all) in a single process, every
+  device of every process under `jax.distributed` (where num_devices must be 0 or the local count)."""
+  local = local_devices(num_devices)
+  if jax.process_count() == 1:
+    return local
+  local = jax.local_devices()
+  if num_devices not in (0, len(local)):
+    raise ValueError(f"config.train.num_devices={num_devices}: a multi-process run ({jax.process_count()} processes)"
+                     f" uses every local device of every process; set it to 0 (or {len(local)})")
+  return global_devices()
+
+
+def own_devices(devices: Sequence) -> list:
+  """This process's devices among `devices`, in their order (where it places replicated values and batch rows)."""
+  return [d for d in devices if d.process_index == jax.process_index()]
+
+
+def local_rows(devices: Sequence) -> slice:
+  """Which rows of a global [len(devices), ...] batch this process feeds to its pmap (its devices' positions)."""
+  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+    raise ValueError(f"process {jax.process_index()}'s devices are not one contiguous block of {list(devices)}")
+  return slice(mine[0], mine[-1] + 1)
+
+
+def collective_size(devices: Sequence) -> int:
+  """How many devices a psum in a pmap over `devices` adds up: all of them, across processes (a measured check for
+  the logs and results; every process must call it)."""
+  count = jax.pmap(lambda x: jax.lax.psum(x, AXIS), axis_name=AXIS, devices=list(devices))
+  return int(unreplicate(count(np.ones(len(own_devices(devices)), np.int32))))
+
+
 def replicate(tree: Any, devices: Sequence) -> Any:
-  """A copy of `tree` on every device, stacked on a new leading axis [n_devices, ...] (pmap's layout)."""
-  return flax.jax_utils.replicate(tree, devices)
+  """A copy of `tree` on each of this process's `devices`, stacked on a new leading axis [n_local, ...] (pmap's
+  layout: each process passes its local part of a pmapped argument)."""
+  return flax.jax_utils.replicate(tree, own_devices(devices))
+
+
+def _first(x):
+  if isinstance(x, jax.Array):  # this process's first device's copy; no global indexing (x[0] would compile a
+    return x.addressable_data(0)[0]  # gather, and fails on arrays that are not fully addressable)
+  return x[0]
 
 
 def unreplicate(tree: Any) -> Any:
-  """Device 0's copy of a replicated tree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first local device's copy of a replicated tree (every device holds the same values)."""
+  return jax.tree.map(_first, tree)
 
 
 def train_step(params, opt_state, inputs, batch, *, loss_fn: Callable, tx: optax.GradientTransformation,
@@ -50,7 +103,8 @@ def train_step(params, opt_state, inputs, batch, *, loss_fn: Callable, tx: optax
 
 
 def pmap_train_step(loss_fn: Callable, tx: optax.GradientTransformation, devices: Sequence) -> Callable:
-  """pmapped `train_step` over `devices`: args replicated / sharded on a leading [n_devices] axis.
+  """pmapped `train_step` over `devices` (see `train_devices`): args replicated / sharded on a leading axis of this
+  process's local device count.
 
   params and opt_state are donated (updated in place). Block on each result before the next call: back-to-back
   pmaps with an all-reduce can deadlock the CPU backend.

@@ -4,14 +4,19 @@
 
 Loop (spec alignrec.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
 optax.inject_hyperparams (no recompilation); one epoch = every train interaction once, in batches split over the
-local devices (pmap, gradients summed, see train/parallel.py); after every epoch the representations are computed
-once and the valid and test splits are ranked; early stopping on the valid metric (strict improvement; stop at the
-(stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test metrics are those of the best valid
-epoch. A NaN/Inf loss stops the run with an error; the checkpoint of the last good epoch stays.
+devices (pmap, gradients summed; under `jax.distributed` every device of every process, each process feeding its
+devices' shards, see train/parallel.py); after every epoch the representations are computed once and the valid and
+test splits are ranked (users sharded over the processes, eval/ranking.py); early stopping on the valid metric
+(strict improvement; stop at the (stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test
+metrics are those of the best valid epoch. A NaN/Inf loss stops the run with an error; the checkpoint of the last
+good epoch stays.
 
 Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
-after the last finished epoch and ends exactly as an uninterrupted run. Results go to `<workdir>/results.json`:
-  {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}], ...}
+after the last finished epoch and ends exactly as an uninterrupted run. Every process takes part in the (orbax,
+collective) checkpoint saves; give them one shared workdir (a resume reads the checkpoints in every process). Only process 0 writes
+`<workdir>/results.json`:
+  {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}],
+   "devices": int (the devices of all processes that the gradients were summed over), ...}
 """
 
 import dataclasses
@@ -31,6 +36,7 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.data.sampler import BPRSampler
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
+from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
 from alignrec_jax.train import state as state_lib
 
@@ -84,13 +90,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inputs = model.build_inputs(data)
   data = dataclasses.replace(data, features={})  # the model holds what it needs; free the host copy
   logging.info("graphs and inputs built in %.1fs", time.time() - t0)
-  devices = parallel.local_devices(config.train.num_devices)
+  devices = parallel.train_devices(config.train.num_devices)
   n_dev = len(devices)
+  n_summed = parallel.collective_size(devices)  # == n_dev: the gradient all-reduce spans every process's devices
   tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr))
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
   opt_state = tx.init(params)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  logging.info("model %s: %d parameters; %d device(s): %s", config.model.name, n_params, n_dev, devices)
+  logging.info("model %s: %d parameters; %d device(s) in %d process(es), gradients summed over %d: %s",
+               config.model.name, n_params, n_dev, jax.process_count(), n_summed, devices)
 
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=config.seed)
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
@@ -110,7 +118,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     ckpt.close()
   results = _results(meta, config)
-  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  results["devices"] = n_summed
+  if distributed.is_main_process():  # every process holds the same results
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
   logging.info("best epoch %d: valid %s, test %s", results["best_epoch"], json.dumps(results["valid"]),
                json.dumps(results["test"]))
   return results
@@ -121,9 +131,11 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
   valid_split = ranking.make_eval_split(data, "valid")
   test_split = ranking.make_eval_split(data, "test")
   ev = config.eval
-  # Representations are computed on the replicated state (device 0's output), so no unreplicated copy of the
-  # inputs and parameters has to live beside the replicated one.
+  # Representations are computed on the replicated state (the first local device's output), so no unreplicated
+  # copy of the inputs and parameters has to live beside the replicated one. A pmap over the same (global) devices
+  # as the train step: its arguments are this process's replicated copies.
   representations = jax.pmap(model.representations, devices=list(devices))
+  rows = parallel.local_rows(devices)  # this process's shards of each global batch
 
   # Long-tail analysis: metrics split by train-popularity groups (eval.popularity_groups, e.g. (0.2,) = head/tail).
   item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None
@@ -148,9 +160,10 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
       p_inputs = parallel.replicate(model.epoch_inputs(inputs, epoch_rng, epoch), devices)
     t0 = time.time()
     sums, n_steps = {}, 0
-    for step, batch in enumerate(sampler.epoch(n_dev)):
+    for step, batch in enumerate(sampler.epoch(n_dev, rows)):
       p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
-      metrics = jax.tree.map(lambda x: float(x[0]), jax.block_until_ready(metrics))
+      # psummed over all devices: every local copy holds the whole batch's values
+      metrics = jax.tree.map(float, parallel.unreplicate(jax.block_until_ready(metrics)))
       if not math.isfinite(metrics["loss"]):
         last = ckpt.latest_step()
         raise FloatingPointError(

@@ -54,6 +54,20 @@ def test_shards_are_contiguous_and_divisibility_is_checked():
     shard({"users": np.zeros(6)}, 4)
 
 
+def test_each_process_keeps_its_devices_rows_of_the_same_global_batches():
+  train, n_items = _train()
+  reference = BPRSampler(train, n_items, batch_size=64, seed=2)
+  whole = list(reference.epoch(4))
+  for p in range(2):  # process p of 2 with 2 devices each: global devices 2p, 2p+1
+    sampler = BPRSampler(train, n_items, batch_size=64, seed=2)
+    mine = list(sampler.epoch(4, slice(2 * p, 2 * p + 2)))
+    assert len(mine) == len(whole)
+    for x, y in zip(mine, whole):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k][2 * p:2 * p + 2])
+    assert sampler.get_state() == reference.get_state()  # the checkpointed state is the same in every process
+
+
 def test_seeded_and_resumable():
   train, n_items = _train()
   a = BPRSampler(train, n_items, batch_size=64, seed=7)
