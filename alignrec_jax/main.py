@@ -144,6 +144,9 @@ def main(argv) -> None:
   from alignrec_jax.train import distributed
   FLAGS = flags.FLAGS
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  main_process = distributed.is_main_process()
+  if not main_process:  # every process runs the same loop: process 0's log and table speak for all of them
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
   workdir = os.path.expanduser(FLAGS.workdir)
   from alignrec_jax.data.mmrec import DataError
@@ -152,11 +155,11 @@ def main(argv) -> None:
   except (DataError, FloatingPointError) as e:  # bad input or a diverged run: the message says what and where
     logging.error("%s", e)
     sys.exit(f"error: {e}")
-  table = format_metrics_table(results)
+  table = format_metrics_table(results) if main_process else ""
   if table:
     best = results.get("best_epoch")
     print(f"\nbest epoch {best} (selected on valid {config.eval.valid_metric})\n{table}")
-  if results:
+  if results and main_process:
     print(f"results: {os.path.join(workdir, 'results.json')}")
     sys.stdout.flush()
   logging.info("results: %s", json.dumps({k: results[k] for k in ("best_epoch", "test") if k in results}))
