@@ -53,3 +53,20 @@ def is_main_process() -> bool:
   """Only process 0 writes logs, results and non-orbax files."""
   import jax
   return jax.process_index() == 0
+
+
+def main_process_first(fn, *args, **kwargs):
+  """fn(*args, **kwargs) in every process, process 0 first and the others after it finished: for steps that build
+  files in a shared directory once (tokenizer, datasets) and load them afterwards. fn must not itself wait for the
+  other processes (no orbax or other collectives)."""
+  import jax
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  from jax.experimental import multihost_utils
+  name = getattr(fn, "__name__", "step")
+  if is_main_process():
+    result = fn(*args, **kwargs)
+  multihost_utils.sync_global_devices(f"main_process_first:{name}")
+  if not is_main_process():
+    result = fn(*args, **kwargs)
+  return result

@@ -2,8 +2,12 @@
 
 `pretrain(config, workdir)`:
   items.tsv -> tokenizer (`<workdir>/tokenizer.json`, built once) -> tfds array_record dataset (`<workdir>/tfds/`)
-  -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss, data parallel with `pmap` over the local devices
-  (`config.train.num_devices`, 0 = all; the global batch `pretrain.batch_size` is split across them).
+  -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss, data parallel with `pmap` over the devices
+  (`config.train.num_devices`, 0 = all local ones; the global batch `pretrain.batch_size` is split across them).
+  Under `jax.distributed` the pmap spans every process's devices and each process feeds its devices' rows of the
+  same global batch (train/parallel.py), so N processes compute what one process with all their devices does.
+  Process 0 builds the tokenizer and the tfds dataset first (the others then load them) and alone writes
+  pretrain_history.json; every process takes part in the orbax checkpoint saves.
   Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
   batches an uninterrupted one would. Checkpoints (orbax, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
   steps and at the end hold params, optimiser state and the logged history; a rerun resumes from the latest one and
@@ -23,7 +27,6 @@ import time
 from typing import Any
 
 from absl import logging
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +37,8 @@ from alignrec_jax.data import content
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
+from alignrec_jax.train import distributed
+from alignrec_jax.train import parallel
 
 _FEATURES_META = "features_meta.json"
 
@@ -49,14 +54,6 @@ def _write_json(path: str, obj: Any) -> None:
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
-
-
-def _devices(config) -> list:
-  available = jax.local_devices()
-  n = config.train.num_devices or len(available)
-  if n > len(available):
-    raise ValueError(f"config.train.num_devices={n} but only {len(available)} local devices exist")
-  return available[:n]
 
 
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
@@ -147,9 +144,10 @@ def pretrain(config, workdir: str) -> dict:
   """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}."""
   pre = config.pretrain
   os.makedirs(workdir, exist_ok=True)
-  tokenizer, items = _load_items(config, workdir)
+  # Process 0 first: it writes tokenizer.json and the tfds dataset into the (shared) workdir, the others load them.
+  tokenizer, items = distributed.main_process_first(_load_items, config, workdir)
   n_items = len(items["tokens"])
-  devices = _devices(config)
+  devices = parallel.train_devices(config.train.num_devices)
   n_dev = len(devices)
   if pre.batch_size % n_dev:
     raise ValueError(f"config.pretrain.batch_size={pre.batch_size} must be divisible by the {n_dev} devices")
@@ -183,16 +181,17 @@ def pretrain(config, workdir: str) -> dict:
       return _summary(meta)
 
     train_step = make_train_step(model, tx, _loss_kwargs(pre, tokenizer), devices)
-    params, opt_state = jax_utils.replicate((params, opt_state), devices)
+    params, opt_state = parallel.replicate((params, opt_state), devices)
+    rows = parallel.local_rows(devices)  # this process's devices' shards of each global batch
     base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     per_device = pre.batch_size // n_dev
     window, window_start, window_steps = {}, time.perf_counter(), 0
     for step in range(start, pre.steps):
       idx = batch_indices(config.seed, step, n_items, pre.batch_size)
-      batch = {k: items[k][idx].reshape(n_dev, per_device, *items[k].shape[1:]) for k in ("image", "tokens")}
+      batch = {k: items[k][idx].reshape(n_dev, per_device, *items[k].shape[1:])[rows] for k in ("image", "tokens")}
       params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
-      metrics = jax.device_get(jax.block_until_ready(metrics))  # block each step: CPU all-reduce deadlock trap
-      values = {k: float(v[0]) for k, v in metrics.items()}
+      metrics = jax.block_until_ready(metrics)  # block each step: CPU all-reduce deadlock trap
+      values = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}  # pmeaned: any local copy
       if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"pretrain: loss is {values['loss']} at step {step + 1}; lower config.pretrain.lr")
       for k, v in values.items():
@@ -209,9 +208,10 @@ def pretrain(config, workdir: str) -> dict:
                      f"  itc {row['itc']:.4f}" if pre.itc_weight else "", row["items_per_s"])
         window, window_start, window_steps = {}, time.perf_counter(), 0
       if done % max(pre.checkpoint_every, 1) == 0 or done == pre.steps:
-        host = jax.tree.map(lambda x: x[0], (params, opt_state))
-        _save(manager, done, host[0], host[1], meta)
-    _write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
+        host = parallel.unreplicate((params, opt_state))
+        _save(manager, done, host[0], host[1], meta)  # every process: orbax saves collectively
+    if distributed.is_main_process():
+      _write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
     return _summary(meta)
   finally:
     manager.close()

@@ -13,8 +13,8 @@ good epoch stays.
 
 Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
 after the last finished epoch and ends exactly as an uninterrupted run. Every process takes part in the (orbax,
-collective) checkpoint saves; give them one shared workdir (a resume reads the checkpoints in every process). Only process 0 writes
-`<workdir>/results.json`:
+collective) checkpoint saves: give them one shared workdir (a resume reads the checkpoints in every process).
+Only process 0 writes `<workdir>/results.json`:
   {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}],
    "devices": int (the devices of all processes that the gradients were summed over), ...}
 """
