@@ -82,6 +82,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict."""
   _check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  if config.data.get("synthetic", False):  # process 0 generates the default data once, the others then find it
+    from alignrec_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the default data only)
+    distributed.main_process_first(synthetic.ensure_synthetic_dataset, os.path.expanduser(config.data.root))
   data = mmrec.load_dataset(config.data)
   logging.info("%s", data.summary())
 
