@@ -68,3 +68,18 @@ def test_similarity_preserving_gradient_is_that_of_the_norm_and_stops_at_the_fea
   g_e, g_f = jax.grad(ours, argnums=(0, 1))(emb, feat)
   np.testing.assert_allclose(np.asarray(g_e), np.asarray(jax.grad(direct)(emb, feat)), rtol=1e-5, atol=1e-7)
   assert np.all(np.asarray(g_f) == 0)
+
+
+@pytest.mark.parametrize("rows", [7, 1100])  # one block; several blocks with a ragged, zero-padded last one
+def test_similarity_preserving_wide_features_match_the_dense_norm(rows):
+  """Features wider than half the batch take the symmetric blocked path for the cosine target."""
+  rng = np.random.default_rng(1)
+  emb = jnp.asarray(rng.normal(size=(rows, 4)) * 0.3, jnp.float32)
+  feat = jnp.asarray(rng.normal(size=(rows, 2 * rows)), jnp.float32)
+  w = jnp.ones(rows)
+  dense = np.asarray(emb, np.float64) @ np.asarray(emb, np.float64).T
+  f64 = np.asarray(feat, np.float64)
+  f64 /= np.linalg.norm(f64, axis=1, keepdims=True)
+  want = np.linalg.norm(dense - f64 @ f64.T) / rows
+  got = cca.similarity_preserving(emb, emb, feat, feat, w, w, float(rows))
+  np.testing.assert_allclose(float(got), want, rtol=2e-5)
