@@ -154,3 +154,45 @@ def test_sharding_over_devices_gives_the_same_ranking():
   for n_dev in range(2, jax.local_device_count() + 1):
     np.testing.assert_array_equal(
         ranking.topk_items(user_emb, item_emb, split, k=20, batch_users=8, num_devices=n_dev), one)
+
+
+def _hits_via_topk(user_emb, item_emb, split, k):
+  top = ranking.topk_items(user_emb, item_emb, split, k=k, num_devices=1)
+  return np.where(ranking.hits_matrix(top, split), top, -1)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_path_gives_the_hits_of_the_top_k_list(ties):
+  """The rank path (no top-k) puts every held-out item at its top-k position, ties to the lower item id, on 1 to 4
+  devices; held-out items that are also train items (masked) are never hits; users with up to 5 held-out items
+  exercise several truth-count buckets."""
+  import jax
+  rng = np.random.default_rng(4)
+  n_users, n_items, k = 300, 400, 50
+  pairs = np.unique(np.stack([rng.integers(0, n_users, 9000), rng.integers(0, n_items, 9000)], 1), axis=0)
+  labels = rng.choice(3, len(pairs), p=[0.8, 0.1, 0.1])
+  train = pairs[labels == 0]
+  test = np.concatenate([pairs[labels == 2], train[:40]])  # 40 held-out items that are also train items
+  data = _data(n_users, n_items, train, test, pairs[labels == 1])
+  split = ranking.make_eval_split(data, "test")
+  assert split.truth_len.max() >= 5 and ranking._rank_path_applies(split, k)
+  if ties:  # integer embeddings: many exactly equal scores
+    user_emb = rng.integers(-2, 3, size=(n_users, 3)).astype(np.float32)
+    item_emb = rng.integers(-2, 3, size=(n_items, 3)).astype(np.float32)
+  else:
+    user_emb = rng.normal(size=(n_users, 8)).astype(np.float32)
+    item_emb = rng.normal(size=(n_items, 8)).astype(np.float32)
+  want = _hits_via_topk(user_emb, item_emb, split, k)
+  assert (want >= 0).sum() > 100
+  for n_dev in range(1, jax.local_device_count() + 1):
+    np.testing.assert_array_equal(ranking.hit_items(user_emb, item_emb, split, k=k, num_devices=n_dev), want)
+
+
+def test_rank_path_steps_aside_when_a_user_has_fewer_candidates_than_k():
+  # item catalogue of 6, user 0 has 4 train items: only 2 candidates for k = 3, so masked items enter its top 3.
+  data = _data(2, 6, [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]], [[0, 4], [1, 5]])
+  split = ranking.make_eval_split(data, "test")
+  assert not ranking._rank_path_applies(split, 3)
+  user_emb, item_emb = np.ones((2, 1), np.float32), np.arange(6, 0, -1, dtype=np.float32)[:, None]
+  np.testing.assert_array_equal(ranking.hit_items(user_emb, item_emb, split, k=3),
+                                _hits_via_topk(user_emb, item_emb, split, 3))
