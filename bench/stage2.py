@@ -106,6 +106,7 @@ def main(argv):
   devices = parallel.local_devices(config.train.num_devices)
   tx = optax.inject_hyperparams(optax.adam)(learning_rate=config.optim.lr)
   params = model.init(jax.random.PRNGKey(0), inputs)
+  inputs = model.inputs_after_init(inputs)  # as the trainer
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=0)
   step_fn = parallel.pmap_train_step(model.loss, tx, devices)
   p_params, p_opt = parallel.replicate((params, tx.init(params)), devices)
@@ -133,7 +134,7 @@ def main(argv):
   step_s = statistics.median(step_times)
 
   split = ranking.make_eval_split(data, "valid")
-  reps = jax.pmap(model.representations, devices=devices)
+  reps = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
 
   def evaluation():
     user_emb, item_emb = parallel.unreplicate(reps(p_params, p_inputs))

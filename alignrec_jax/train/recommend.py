@@ -98,6 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   n_summed = parallel.collective_size(devices)  # == n_dev: the gradient all-reduce spans every process's devices
   tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr))
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
+  if hasattr(model, "inputs_after_init"):  # drops what only seeded the parameters (AlignRec's initial features)
+    inputs = model.inputs_after_init(inputs)
   opt_state = tx.init(params)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   logging.info("model %s: %d parameters; %d device(s) in %d process(es), gradients summed over %d: %s",
@@ -137,7 +139,7 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
   # Representations are computed on the replicated state (the first local device's output), so no unreplicated
   # copy of the inputs and parameters has to live beside the replicated one. A pmap over the same (global) devices
   # as the train step: its arguments are this process's replicated copies.
-  representations = jax.pmap(model.representations, devices=list(devices))
+  representations = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
   rows = parallel.local_rows(devices)  # this process's shards of each global batch
 
   # Long-tail analysis: metrics split by train-popularity groups (eval.popularity_groups, e.g. (0.2,) = head/tail).
