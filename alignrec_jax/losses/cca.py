@@ -88,14 +88,17 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
   def rows_normalised(f, w):
     return jax.lax.stop_gradient(_normalize(f) * w[:, None])
 
-  e_l, e_g = emb_local * weight_local[:, None], emb_all * weight_all[:, None]
-  n_l, n_g = rows_normalised(feat_local, weight_local), rows_normalised(feat_all, weight_all)
-  b, big_b, d_f = n_l.shape[0], n_g.shape[0], n_l.shape[1]
+  b, big_b, d_f = emb_local.shape[0], emb_all.shape[0], feat_all.shape[1]
+  e_g, n_g = emb_all * weight_all[:, None], rows_normalised(feat_all, weight_all)
+  if b == big_b:  # this shard is the whole batch: one copy of the [B, d_f] rows (they are 4,096 wide at paper scale)
+    e_l, n_l = e_g, n_g
+  else:
+    e_l, n_l = emb_local * weight_local[:, None], rows_normalised(feat_local, weight_local)
   dots = jnp.sum((e_l.T @ e_l) * (e_g.T @ e_g))
   cross = jnp.sum((e_l.T @ n_l) * (e_g.T @ n_g))
   if (b + big_b) * d_f <= b * big_b:
     target = jnp.sum((n_l.T @ n_l) * (n_g.T @ n_g))
-  elif axis_name is None:  # one shard: the B x B cosine matrix is symmetric, so only its upper blocks are computed
+  elif b == big_b:  # one shard holds the batch: N Nᵀ is symmetric, so only its upper blocks are computed
     target = _sum_sq_gram_symmetric(n_g)
   else:
     target = jnp.sum(jnp.square(n_l @ n_g.T))

@@ -10,6 +10,9 @@ four methods, all pure functions of explicit arguments (jit-able except `build_i
   user_emb, item_emb = model.representations(params, inputs)   # [n_users, d], [n_items, d]; score = dot product
   loss, metrics = model.loss(params, inputs, batch, axis_name=None)
 
+Optional hooks: `inputs = model.inputs_after_init(inputs)` drops what only seeded the parameters (called once after
+`init`); `epoch_inputs(inputs, rng, epoch)` gives per-epoch training inputs (see baselines/__init__.py).
+
 `batch` is a dict of [b] arrays: `users`, `pos`, `neg` (int32) and `weight` (float32, 1 for a real row, 0 for
 padding). Inside `jax.pmap` each device gets its shard of the global batch and `axis_name`; the loss then returns
 this shard's share of the global loss, so that the shares (and their gradients) SUM to the loss of the whole batch

@@ -63,7 +63,12 @@ class Aggregator(nn.Module):
     if self.freeze_features:
       feats = inputs.features
     else:
-      feats = self.param("features", lambda rng: jnp.asarray(inputs.features, jnp.float32))
+      def from_loaded(rng, shape):
+        del rng
+        if inputs.features.shape[0] == 0:  # a placeholder once params exist (AlignRec.inputs_after_init): flax
+          return jnp.zeros(shape, jnp.float32)  # only traces this for the shape check, nothing is allocated
+        return jnp.asarray(inputs.features, jnp.float32)
+      feats = self.param("features", from_loaded, (self.n_items, inputs.features.shape[1]))
     d_f = feats.shape[1]
 
     # ID view: LightGCN, layer outputs averaged including layer 0.

@@ -106,6 +106,15 @@ class AlignRec:
   def init(self, rng: jax.Array, inputs: AlignRecInputs) -> dict:
     return self._net(inputs).init(rng, inputs)["params"]
 
+  def inputs_after_init(self, inputs: AlignRecInputs) -> AlignRecInputs:
+    """The inputs the jitted calls need once the parameters exist: the initial feature table only seeds the
+    trainable one, unless the features are frozen or the cosine target is the frozen table (at paper scale it is
+    115 MB, kept once per device otherwise)."""
+    m = self.config.model
+    if m.freeze_features or m.sim_target == "frozen":
+      return inputs
+    return inputs.replace(features=jnp.zeros((0, inputs.features.shape[1]), inputs.features.dtype))
+
   def forward(self, params: dict, inputs: AlignRecInputs) -> dict:
     return self._net(inputs).apply({"params": params}, inputs)
 
