@@ -109,8 +109,8 @@ def main(argv):
   inputs = model.inputs_after_init(inputs)  # as the trainer
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=0)
   step_fn = parallel.pmap_train_step(model.loss, tx, devices)
-  p_params, p_opt = parallel.replicate((params, tx.init(params)), devices)
-  p_inputs = parallel.replicate(inputs, devices)
+  p_params, p_opt = parallel.put_replicated((params, tx.init(params)), devices)
+  p_inputs = parallel.put_replicated(inputs, devices)
   del params, inputs  # as the trainer: only the replicated copies stay alive
   first_batch = next(sampler.epoch(len(devices)))
 
@@ -125,7 +125,7 @@ def main(argv):
     for batch in sampler.epoch(len(devices)):
       ts = time.perf_counter()
       p_params, p_opt, m = step_fn(p_params, p_opt, p_inputs, batch)
-      loss = float(jax.block_until_ready(m)["loss"][0])
+      loss = float(parallel.get_replicated(jax.block_until_ready(m), devices)["loss"])
       step_times.append(time.perf_counter() - ts)
     epoch_times.append(time.perf_counter() - t0)
     epoch_cpu.append(time.process_time() - c0)
@@ -137,7 +137,7 @@ def main(argv):
   reps = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
 
   def evaluation():
-    user_emb, item_emb = parallel.unreplicate(reps(p_params, p_inputs))
+    user_emb, item_emb = parallel.get_replicated(reps(p_params, p_inputs), devices)
     return ranking.evaluate(user_emb, item_emb, split, batch_users=config.eval.batch_users)
 
   t0 = time.perf_counter()
@@ -160,8 +160,8 @@ def main(argv):
             "devices": len(devices), "platform": jax.default_backend(), "load_avg_1m": os.getloadavg()[0]}
   if _PROFILE.value:
     batch = {k: v.reshape(-1) for k, v in first_batch.items()}
-    result["profile_s"] = profile_parts(config, model, parallel.unreplicate(p_inputs),
-                                        parallel.unreplicate(p_params), batch, tx)
+    result["profile_s"] = profile_parts(config, model, parallel.get_replicated(p_inputs, devices),
+                                        parallel.get_replicated(p_params, devices), batch, tx)
   print(json.dumps(result), flush=True)
 
 

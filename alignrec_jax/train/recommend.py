@@ -151,24 +151,24 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
 
   step_fn = parallel.pmap_train_step(model.loss, tx, devices)
   inputs = carry.pop("inputs")
-  p_params, p_opt = parallel.replicate((carry.pop("params"), carry.pop("opt_state")), devices)
-  p_eval_inputs = p_inputs = parallel.replicate(inputs, devices)
+  p_params, p_opt = parallel.put_replicated((carry.pop("params"), carry.pop("opt_state")), devices)
+  p_eval_inputs = p_inputs = parallel.put_replicated(inputs, devices)
   if not hasattr(model, "epoch_inputs"):
     del inputs  # only the replicated copy is needed
   valid_key = ev.valid_metric
   for epoch in range(meta["epoch"] + 1, config.train.epochs):
     lr = learning_rate(config.optim, epoch)
-    p_opt.hyperparams["learning_rate"] = parallel.replicate(jnp.asarray(lr, jnp.float32), devices)
+    p_opt.hyperparams["learning_rate"] = parallel.put_replicated(jnp.asarray(lr, jnp.float32), devices)
     if hasattr(model, "epoch_inputs"):  # per-epoch training inputs (FREEDOM's pruned graph, BM3's dropout key);
       # keyed by (seed, epoch) so that a resumed run draws the same; evaluation keeps `inputs`.
       epoch_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch)
-      p_inputs = parallel.replicate(model.epoch_inputs(inputs, epoch_rng, epoch), devices)
+      p_inputs = parallel.put_replicated(model.epoch_inputs(inputs, epoch_rng, epoch), devices)
     t0 = time.time()
     sums, n_steps = {}, 0
     for step, batch in enumerate(sampler.epoch(n_dev, rows)):
       p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
       # psummed over all devices: every local copy holds the whole batch's values
-      metrics = jax.tree.map(float, parallel.unreplicate(jax.block_until_ready(metrics)))
+      metrics = jax.tree.map(float, parallel.get_replicated(jax.block_until_ready(metrics), devices))
       if not math.isfinite(metrics["loss"]):
         last = ckpt.latest_step()
         raise FloatingPointError(
@@ -182,7 +182,7 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
     train_s = time.time() - t0
 
     t0 = time.time()
-    user_emb, item_emb = parallel.unreplicate(representations(p_params, p_eval_inputs))
+    user_emb, item_emb = parallel.get_replicated(representations(p_params, p_eval_inputs), devices)
     valid = evaluate(user_emb, item_emb, valid_split)
     test = evaluate(user_emb, item_emb, test_split)
     eval_s = time.time() - t0
@@ -200,7 +200,8 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
                             f"valid_{valid_key}": value, f"test_{valid_key}": test[valid_key],
                             "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
     meta.update(epoch=epoch, sampler_state=sampler.get_state(), stopped_early=stop)
-    ckpt.save(epoch + 1, parallel.unreplicate(p_params), parallel.unreplicate(p_opt), meta, improved, value)
+    ckpt.save(epoch + 1, parallel.get_replicated(p_params, devices), parallel.get_replicated(p_opt, devices), meta,
+              improved, value)
     logging.info("epoch %d: loss %.4f (bpr %.4f, cca %.4f, sim %.4f) lr %.2e, train %.1fs | valid %s %.4f, test %s "
                  "%.4f, eval %.2fs%s", epoch, means["loss"], means.get("bpr", 0.0), means.get("cca", 0.0),
                  means.get("sim", 0.0), lr, train_s, valid_key, value, valid_key, test[valid_key], eval_s,
