@@ -4,8 +4,9 @@
 
 Graphs: the symmetric LightGCN adjacency of ../shared/data/baby (19,445 + 7,050 nodes, 239k edges) and a k=10
 item-item kNN graph (non-symmetric) of 7,050 random 768-d features; x is [n, 64]. Methods: "segment_sum" (custom
-VJP: the backward is a propagation over the stored transposed edges) and "autodiff" (XLA's transpose of the
-gather + segment_sum). Median of several runs, compilation excluded. Ends with ONE JSON line.
+VJP: the backward is a propagation over the stored transposed edges), "gather" (the same over padded neighbour
+lists, graph_lib.with_ell) and "autodiff" (XLA's transpose of the gather + segment_sum). configs/base.py's
+model.propagation follows this bench's result on each platform. Median of several runs, compilation excluded. Ends with ONE JSON line.
 """
 
 import json
@@ -44,9 +45,9 @@ def main():
   feats = np.random.default_rng(0).normal(size=(int(items.max()) + 1, 768)).astype(np.float32)
   knn = graph_lib.knn_graph(feats, 10)
   result = {}
-  for name, graph in (("user_item", adj), ("item_item", knn)):
+  for name, graph in (("user_item", graph_lib.with_ell(adj)), ("item_item", graph_lib.with_ell(knn))):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(graph.n_src, 64)).astype(np.float32))
-    for method in ("segment_sum", "autodiff"):
+    for method in ("gather", "segment_sum", "autodiff"):
       fwd = jax.jit(lambda g, x, m=method: graph_lib.propagate(g, x, m))
       grad = jax.jit(jax.grad(lambda x, g, m=method: jnp.sum(jnp.tanh(graph_lib.propagate(g, x, m)))))
       result[f"{name}_{method}_fwd_s"] = round(_median_time(fwd, graph, x), 5)

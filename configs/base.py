@@ -40,7 +40,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.freeze_features = False  # reference: the feature table is trainable
   model.sim_target = "current"  # 'current' (reference: fine-tuned table) | 'frozen' (initial table)
   model.side_emb_div = 0.0      # Fuser: h = h_id + h_mm / div (0 = plain sum, the reference default)
-  model.propagation = "segment_sum"  # segment_sum (custom VJP) | autodiff (XLA transpose); bench/propagation.py
+  model.propagation = "gather"  # gather (padded neighbour lists) | segment_sum | autodiff; bench/propagation.py
   # Baselines (issue 7): every registered model's own hyper-parameters live under config.model.<name>
   # (e.g. --config.model.freedom.dropout=0.9); the defaults come from its file's default_config().
   from alignrec_jax.models import baselines  # pylint: disable=g-import-not-at-top  (the registry, lazily)

@@ -73,8 +73,9 @@ class AlignRec:
     m = config.model
     if m.sim_target not in ("current", "frozen"):
       raise ValueError(f"config.model.sim_target={m.sim_target!r}: expected 'current' or 'frozen'")
-    if m.propagation not in ("segment_sum", "autodiff"):
-      raise ValueError(f"config.model.propagation={m.propagation!r}: expected 'segment_sum' or 'autodiff'")
+    if m.propagation not in graph_lib.PROPAGATION_METHODS:
+      raise ValueError(f"config.model.propagation={m.propagation!r}: expected one of "
+                       f"{graph_lib.PROPAGATION_METHODS}")
     for key in ("embedding_size", "knn_k"):
       if m[key] < 1:
         raise ValueError(f"config.model.{key}={m[key]} must be >= 1")
@@ -95,6 +96,8 @@ class AlignRec:
     features = np.asarray(data.features["image"], np.float32)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
     item_item = graph_lib.knn_graph(features, int(self.config.model.knn_k))
+    if self.config.model.propagation == "gather":
+      adj, user_item, item_item = (graph_lib.with_ell(g) for g in (adj, user_item, item_item))
     self.net = self._make_net(data.n_users, data.n_items)
     return AlignRecInputs(adj, user_item, item_item, jnp.asarray(features))
 
