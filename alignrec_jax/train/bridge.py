@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.train import distributed
 
 VARIANTS = ("full", "mask_image", "mask_text")
 NPY_NAMES = {"full": "image_feat.npy", "mask_image": "image_feat_mask_image.npy",
@@ -45,14 +46,19 @@ def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
     if not np.isfinite(table).all():
       raise ValueError(f"the {name!r} feature table holds NaN/Inf values (diverged pre-training?)")
   directory = features_dir(workdir)
-  if os.path.isdir(directory):
+  # Several processes (jax.distributed): process 0 alone clears and writes files; the orbax save is collective.
+  main = distributed.is_main_process()
+  if main and os.path.isdir(directory):
     shutil.rmtree(directory)  # an old or partial table: the new one replaces it whole
+  distributed.barrier("save_feature_table:cleared")
   manager = _manager(directory, create=True)
   try:
     manager.save(_STEP, args=ocp.args.StandardSave(arrays))
     manager.wait_until_finished()
   finally:
     manager.close()
+  if not main:
+    return
   for name, table in arrays.items():
     path = os.path.join(workdir, NPY_NAMES[name])
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{NPY_NAMES[name]}-", suffix=".npy")

@@ -70,3 +70,11 @@ def main_process_first(fn, *args, **kwargs):
   if not is_main_process():
     result = fn(*args, **kwargs)
   return result
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for all the others (a no-op in a single process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -284,12 +284,14 @@ def extract(config, workdir: str) -> dict:
   tables = extract_features(model, params, items["image"], items["tokens"], tokenizer,
                             config.pretrain.extract_batch_size)
   elapsed = time.perf_counter() - start
-  if os.path.isfile(meta_path):
+  if distributed.is_main_process() and os.path.isfile(meta_path):
     os.remove(meta_path)  # the old marker must not vouch for the table being replaced
-  bridge.save_feature_table(workdir, tables)
+  bridge.save_feature_table(workdir, tables)  # every process joins the (collective) save; process 0 writes files
   info = {"n_items": n_items, "dim": int(tables["full"].shape[1]), "pretrain_step": step,
           "tokenizer": tokenizer.fingerprint(), "items_per_s": n_items * len(tables) / elapsed}
-  _write_json(meta_path, info)
+  if distributed.is_main_process():
+    _write_json(meta_path, info)
+  distributed.barrier("extract:written")  # stage 2 in this run reads the table next, in every process
   logging.info("extract: %d items x %d variants -> %s (%d-d, %.1f item-encodings/s, pre-training step %d)",
                n_items, len(tables), bridge.features_dir(workdir), info["dim"], info["items_per_s"], step)
   return info
