@@ -342,6 +342,27 @@ def test_hyper_parameters_come_from_config_model_name():
     get_model("lightgcn")(config)
 
 
+def test_lfm2k_baseline_settings_are_points_of_their_grids():
+  """configs/lfm2k.py sets grid-selected baseline hyper-parameters (issue 7): each is a value of the model's
+  hyper_grid() (MMRec's / the AlignRec authors' yaml), reaches the model, and the lr stays a grid value."""
+  from configs import lfm2k
+  config = lfm2k.get_config()
+  defaults = baselines.default_configs()
+  changed = 0
+  for name in BASELINES:
+    cls = get_model(name)
+    grid = cls.hyper_grid() if hasattr(cls, "hyper_grid") else {}
+    hp = cls(config).hp
+    for key, value in config.model[name].items():
+      if value != defaults[name][key]:
+        changed += 1
+        assert value in grid[f"model.{name}.{key}"], (name, key, value)
+        assert hp[key] == value
+  assert changed >= 2  # BPR-MF's and VBPR's reg_weight
+  for name in ("vbpr", "bm3"):
+    assert config.optim.lr in get_model(name).hyper_grid()["optim.lr"]
+
+
 # ------------------------------------------------------------------------------------------ smoke run
 
 
