@@ -33,6 +33,7 @@ import optax  # noqa: E402
 from alignrec_jax.data import mmrec  # noqa: E402
 from alignrec_jax.data.sampler import BPRSampler  # noqa: E402
 from alignrec_jax.eval import ranking  # noqa: E402
+from alignrec_jax.losses import cca  # noqa: E402
 from alignrec_jax.models import get_model  # noqa: E402
 from alignrec_jax.train import parallel  # noqa: E402
 from configs import base  # noqa: E402
@@ -72,10 +73,16 @@ def profile_parts(config, model, inputs, params, batch, tx) -> dict:
                                 params, opt_state, params)
   pos = jnp.asarray(batch["pos"])
 
-  def sim_target(f, pos):
-    n = f[pos] / jnp.linalg.norm(f[pos], axis=-1, keepdims=True)
-    return jnp.sum(jnp.square(n @ n.T)) if n.shape[1] >= n.shape[0] else jnp.sum(jnp.square(n.T @ n))
+  def sim_target(f, pos):  # the cosine target of the similarity loss, as cca.similarity_preserving computes it
+    n = cca._normalize(f[pos])  # pylint: disable=protected-access
+    if (2 * n.shape[0]) * n.shape[1] <= n.shape[0] ** 2:
+      return jnp.sum(jnp.square(n.T @ n))
+    return cca._sum_sq_gram_symmetric(n)  # pylint: disable=protected-access
   parts["sim_target_cosines"] = _timed(jax.jit(sim_target), feats, pos)
+  parts["similarity_loss_fwd_bwd"] = _timed(jax.jit(jax.grad(
+      lambda e, f, pos: cca.similarity_preserving(e[pos], e[pos], f[pos], f[pos], jnp.ones(pos.shape[0]),
+                                                  jnp.ones(pos.shape[0]), float(pos.shape[0])))),
+      jnp.zeros((feats.shape[0], config.model.embedding_size)) + 0.01, feats, pos)
 
   def graph_only(p, inputs):
     out = model.forward(p, inputs)
