@@ -163,16 +163,22 @@ def topk_items(user_emb, item_emb, split: EvalSplit, k: int = 50, batch_users: i
   if item_emb.shape[0] != split.n_items:
     raise ValueError(f"item_emb has {item_emb.shape[0]} rows, the dataset has {split.n_items} items")
   k = min(k, split.n_items)
-  n_eval = len(split.users)
+  return _over_processes(lambda lo, hi: _local_topk(user_emb, item_emb, split, lo, hi, k, batch_users, n_dev),
+                         len(split.users), k, fill=0)
+
+
+def _over_processes(local_fn, n_eval: int, k: int, fill: int) -> np.ndarray:
+  """[n_eval, k] int32 rows of `local_fn(lo, hi)` ([hi - lo, k] for split users lo..hi): each process computes a
+  contiguous block of users and the blocks are gathered back, so that every process returns all the rows."""
   n_proc = jax.process_count()
   if n_proc == 1:
-    return _local_topk(user_emb, item_emb, split, 0, n_eval, k, batch_users, n_dev)
+    return local_fn(0, n_eval)
   from jax.experimental import multihost_utils
   block = -(-n_eval // n_proc)
   lo = min(n_eval, jax.process_index() * block)
   hi = min(n_eval, lo + block)
-  local = np.zeros((block, k), np.int32)
-  local[:hi - lo] = _local_topk(user_emb, item_emb, split, lo, hi, k, batch_users, n_dev)
+  local = np.full((block, k), fill, np.int32)
+  local[:hi - lo] = local_fn(lo, hi)
   gathered = np.asarray(multihost_utils.process_allgather(local))  # [n_proc, block, k]
   return gathered.reshape(-1, k)[:n_eval]
 
@@ -318,18 +324,8 @@ def hit_items(user_emb, item_emb, split: EvalSplit, k: int = 50, batch_users: in
   if not _rank_path_applies(split, k):
     top = topk_items(user_emb, item_emb, split, k, batch_users, num_devices)
     return np.where(hits_matrix(top, split), top, -1).astype(np.int32)
-  n_eval = len(split.users)
-  n_proc = jax.process_count()
-  if n_proc == 1:
-    return _local_hit_items(user_emb, item_emb, split, 0, n_eval, k, n_dev)
-  from jax.experimental import multihost_utils
-  block = -(-n_eval // n_proc)
-  lo = min(n_eval, jax.process_index() * block)
-  hi = min(n_eval, lo + block)
-  local = np.full((block, k), -1, np.int32)
-  local[:hi - lo] = _local_hit_items(user_emb, item_emb, split, lo, hi, k, n_dev)
-  gathered = np.asarray(multihost_utils.process_allgather(local))  # [n_proc, block, k]
-  return gathered.reshape(-1, k)[:n_eval]
+  return _over_processes(lambda lo, hi: _local_hit_items(user_emb, item_emb, split, lo, hi, k, n_dev),
+                         len(split.users), k, fill=-1)
 
 
 def hits_matrix(topk: np.ndarray, split: EvalSplit) -> np.ndarray:
