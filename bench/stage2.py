@@ -75,9 +75,7 @@ def profile_parts(config, model, inputs, params, batch, tx) -> dict:
 
   def sim_target(f, pos):  # the cosine target of the similarity loss, as cca.similarity_preserving computes it
     n = cca._normalize(f[pos])  # pylint: disable=protected-access
-    if (2 * n.shape[0]) * n.shape[1] <= n.shape[0] ** 2:
-      return jnp.sum(jnp.square(n.T @ n))
-    return cca._sum_sq_gram_symmetric(n)  # pylint: disable=protected-access
+    return cca.cosine_target_sum_sq(n, n)
   parts["sim_target_cosines"] = _timed(jax.jit(sim_target), feats, pos)
   parts["similarity_loss_fwd_bwd"] = _timed(jax.jit(jax.grad(
       lambda e, f, pos: cca.similarity_preserving(e[pos], e[pos], f[pos], f[pos], jnp.ones(pos.shape[0]),

@@ -68,6 +68,18 @@ def _sum_sq_gram_symmetric(n: jax.Array, block_rows: int = 512) -> jax.Array:
   return total
 
 
+def cosine_target_sum_sq(n_local: jax.Array, n_all: jax.Array) -> jax.Array:
+  """Σ_pq (n_local[p] · n_all[q])², the target term of `similarity_preserving`, by the cheapest exact route:
+  d_f x d_f products when the rows outnumber the width, else the b x B products (on one shard, where n_local holds
+  the same rows as n_all, only the upper blocks of the symmetric N Nᵀ)."""
+  b, big_b, d_f = n_local.shape[0], n_all.shape[0], n_all.shape[1]
+  if (b + big_b) * d_f <= b * big_b:
+    return jnp.sum((n_local.T @ n_local) * (n_all.T @ n_all))
+  if b == big_b:
+    return _sum_sq_gram_symmetric(n_all)
+  return jnp.sum(jnp.square(n_local @ n_all.T))
+
+
 def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: jax.Array, feat_all: jax.Array,
                           weight_local: jax.Array, weight_all: jax.Array, n_real,
                           axis_name: Optional[str] = None) -> jax.Array:
@@ -88,7 +100,7 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
   def rows_normalised(f, w):
     return jax.lax.stop_gradient(_normalize(f) * w[:, None])
 
-  b, big_b, d_f = emb_local.shape[0], emb_all.shape[0], feat_all.shape[1]
+  b, big_b = emb_local.shape[0], emb_all.shape[0]
   e_g, n_g = emb_all * weight_all[:, None], rows_normalised(feat_all, weight_all)
   if b == big_b:  # this shard is the whole batch: one copy of the [B, d_f] rows (they are 4,096 wide at paper scale)
     e_l, n_l = e_g, n_g
@@ -96,13 +108,7 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
     e_l, n_l = emb_local * weight_local[:, None], rows_normalised(feat_local, weight_local)
   dots = jnp.sum((e_l.T @ e_l) * (e_g.T @ e_g))
   cross = jnp.sum((e_l.T @ n_l) * (e_g.T @ n_g))
-  if (b + big_b) * d_f <= b * big_b:
-    target = jnp.sum((n_l.T @ n_l) * (n_g.T @ n_g))
-  elif b == big_b:  # one shard holds the batch: N Nᵀ is symmetric, so only its upper blocks are computed
-    target = _sum_sq_gram_symmetric(n_g)
-  else:
-    target = jnp.sum(jnp.square(n_l @ n_g.T))
-  sq_local = dots - 2.0 * cross + target
+  sq_local = dots - 2.0 * cross + cosine_target_sum_sq(n_l, n_g)
   sq_total = jax.lax.stop_gradient(sq_local)
   n_shards = 1
   if axis_name is not None:

@@ -112,7 +112,7 @@ def put_replicated(tree: Any, devices: Sequence) -> Any:
   """A replicated argument of a `device_map` function: `replicate` over several devices, the plain tree on one."""
   if single_device(devices):
     # A copy, as `replicate` makes: a donated argument must not share buffers with anything the caller keeps
-    # (AlignRec's feature parameter starts as the very array of its inputs' initial table).
+    # (a model's init may return its inputs' arrays as parameters, as BM3's feature tables do).
     return jax.device_put(tree, devices[0], may_alias=False)
   return replicate(tree, devices)
 
