@@ -124,9 +124,9 @@ def main(argv):
   jax.block_until_ready(m)
   first_step_s = time.perf_counter() - t0
 
-  epoch_times, epoch_cpu, step_times = [], [], []
+  epoch_times, epoch_cpu, epoch_faults, step_times = [], [], [], []
   for _ in range(_EPOCHS.value):
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for batch in sampler.epoch(len(devices)):
       ts = time.perf_counter()
       p_params, p_opt, m = step_fn(p_params, p_opt, p_inputs, batch)
@@ -134,6 +134,7 @@ def main(argv):
       step_times.append(time.perf_counter() - ts)
     epoch_times.append(time.perf_counter() - t0)
     epoch_cpu.append(time.process_time() - c0)
+    epoch_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     print(f"epoch {len(epoch_times) - 1}: {epoch_times[-1]:.2f}s ({sampler.steps_per_epoch} steps), loss {loss:.4f}",
           flush=True)
   step_s = statistics.median(step_times)
@@ -160,6 +161,8 @@ def main(argv):
             "peak_rss_mb": round(peak_rss_mb(), 1),
             # CPU seconds of this process per epoch (all threads): a load-independent cross-check of epoch_s
             "epoch_cpu_s": round(statistics.median(epoch_cpu), 3), "cpus": os.cpu_count(),
+            # minor page faults per epoch: host memory the steps take fresh from the kernel
+            "epoch_page_faults": int(statistics.median(epoch_faults)),
             "step_s": round(step_s, 4), "steps_per_epoch": sampler.steps_per_epoch,
             "graph_build_s": round(graph_s, 3), "feature_dim": _DIM.value,
             "devices": len(devices), "platform": jax.default_backend(), "load_avg_1m": os.getloadavg()[0]}
