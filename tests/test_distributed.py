@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from alignrec_jax.train import distributed
+from tests.train.test_pretrain import _items as write_items
 from tests.train.test_recommend import write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "train", "tiny_config.py")
+TINY_PRETRAIN_CONFIG = os.path.join(REPO, "tests", "train", "tiny_pretrain_config.py")
 EPOCHS = 3
 
 
@@ -45,10 +47,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _main(workdir, root, devices, log, *extra):
+def _main(workdir, root, devices, log, *extra, config=TINY_CONFIG):
   """`python -m alignrec_jax.main` on the tiny dataset, with `devices` forced CPU devices (its own XLA_FLAGS: the
   pytest process's 4 must not leak in)."""
-  cmd = [sys.executable, "-m", "alignrec_jax.main", f"--config={TINY_CONFIG}", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "alignrec_jax.main", f"--config={config}", f"--workdir={workdir}",
          f"--config.data.root={root}", f"--config.train.epochs={EPOCHS}", "--config.train.num_devices=0", *extra]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   with open(log, "w", encoding="utf-8") as f:  # a file, not a pipe: a full pipe would block the child
@@ -99,3 +101,31 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
   written = [p.relative_to(tmp_path / "process1") for p in (tmp_path / "process1").rglob("*")]
   assert all(p.parts[0] == "checkpoints" for p in written), f"process 1 wrote {written}"
   assert sorted(p.name for p in (tmp_path / "process0").iterdir()) == ["checkpoints", "config.json", "results.json"]
+
+
+def test_two_processes_pretrain_like_one_process_of_four(tmp_path):
+  """Stage 1 (ICA pre-training, dropout on) in 2 processes x 2 CPU devices = 1 process x 4 devices: the same logged
+  losses step by step; only process 0 writes the history, both take part in the checkpoint saves."""
+  root = tmp_path / "items"
+  write_items(root)
+  deadline = time.monotonic() + 300  # MMEnc compiles slower than stage 2 on a 2-core CPU
+  port = _free_port()
+  procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)] + [tmp_path / "single.log"]
+  try:
+    for i in range(2):
+      procs.append(_main(tmp_path / f"process{i}", root, 2, logs[i], f"--coordinator_address=localhost:{port}",
+                         "--num_processes=2", f"--process_id={i}", config=TINY_PRETRAIN_CONFIG))
+    _wait(procs, logs, deadline)
+    procs.append(_main(tmp_path / "single", root, 4, logs[2], config=TINY_PRETRAIN_CONFIG))
+    _wait(procs[2:], logs[2:], deadline)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  multi = json.loads((tmp_path / "process0" / "pretrain_history.json").read_text())
+  single = json.loads((tmp_path / "single" / "pretrain_history.json").read_text())
+  assert [h["step"] for h in multi] == [h["step"] for h in single] == [1, 2, 3, 4]
+  for key in ("loss", "mlm", "mim"):
+    np.testing.assert_allclose([h[key] for h in multi], [h[key] for h in single], rtol=1e-5, err_msg=key)
+  assert not (tmp_path / "process1" / "pretrain_history.json").exists()
