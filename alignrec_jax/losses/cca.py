@@ -12,8 +12,13 @@ import jax.numpy as jnp
 
 
 def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(‖x‖, eps), row-wise."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """torch.nn.functional.normalize: x / max(‖x‖, eps), row-wise, written as x / sqrt(max(‖x‖², eps²)).
+
+  The same values and the same gradient as torch's, also at a zero row (the content view of an item whose features
+  are masked to zeros has no kNN edges): jnp.linalg.norm's gradient there is 0/0 = NaN, and NaN times the zero
+  weight of the row's graph edges is still NaN, which poisoned every parameter in the mask-modality probe.
+  """
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def info_nce(view1_local: jax.Array, view2_all: jax.Array, positive: jax.Array, weight_local: jax.Array,

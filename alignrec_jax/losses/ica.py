@@ -68,8 +68,9 @@ def mim_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
 
 def itc_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> jax.Array:
   """Symmetric InfoNCE between `[B, d]` image and text embeddings (matching rows are the positives)."""
-  a = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True).clip(1e-6)
-  b = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True).clip(1e-6)
+  # x / max(‖x‖, 1e-6) with a finite gradient at a zero row (jnp.linalg.norm's is NaN there)
+  a = image_emb * jax.lax.rsqrt(jnp.maximum(jnp.sum(image_emb * image_emb, -1, keepdims=True), 1e-12))
+  b = text_emb * jax.lax.rsqrt(jnp.maximum(jnp.sum(text_emb * text_emb, -1, keepdims=True), 1e-12))
   logits = a @ b.T / temperature
   labels = jnp.arange(a.shape[0])
   return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

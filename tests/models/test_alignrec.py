@@ -134,6 +134,24 @@ def test_padding_rows_do_not_change_the_loss_or_gradient():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-9)
 
 
+def test_items_with_zeroed_features_give_finite_gradients():
+  """The mask-modality probe zeroes half the items' feature rows: their kNN rows have no edges, so their content
+  view is a zero vector, which InfoNCE normalises. The loss and every gradient must stay finite (they were NaN)."""
+  data = toy_data()
+  feats = data.features["image"].copy()
+  feats[::2] = 0.0
+  data = RecData(data.name, data.n_users, data.n_items, data.train, data.valid, data.test, {"image": feats})
+  model = get_model("alignrec")(toy_config(cl_weight=0.1))
+  inputs = model.build_inputs(data)
+  params = model.init(jax.random.PRNGKey(2), inputs)
+  batch = _batch(data, 24)
+  assert np.any(np.all(np.asarray(model.forward(params, inputs)["mm_item"])[batch["pos"]] == 0, axis=1))
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, b: model.loss(p, inputs, b)[0]))(params, batch)
+  assert np.isfinite(float(loss))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(np.asarray(g))), jax.tree_util.keystr(path)
+
+
 def test_init_follows_pytorch_defaults():
   data = toy_data(n_users=400, n_items=300, d_f=50)
   model = get_model("alignrec")(toy_config())
