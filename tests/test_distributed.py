@@ -66,6 +66,26 @@ def _wait(procs, logs, deadline):
     assert rc == 0, f"{log.name} exited with {rc}; its log ends:\n{log.read_text()[-3000:]}"
 
 
+def _pair_then_single(tmp_path, root, config, seconds):
+  """2 processes x 2 devices (workdirs process0, process1), then 1 process x 4 devices (workdir single), within
+  `seconds`; every process is killed if anything fails."""
+  deadline = time.monotonic() + seconds
+  port = _free_port()
+  procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)] + [tmp_path / "single.log"]
+  try:
+    for i in range(2):
+      procs.append(_main(tmp_path / f"process{i}", root, 2, logs[i], f"--coordinator_address=localhost:{port}",
+                         "--num_processes=2", f"--process_id={i}", config=config))
+    _wait(procs, logs, deadline)
+    procs.append(_main(tmp_path / "single", root, 4, logs[2], config=config))  # after the pair: one run at a time
+    _wait(procs[2:], logs[2:], deadline)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
   """2 processes x 2 CPU devices joined by jax.distributed = 1 process x 4 devices: same loss curve, same metrics.
 
@@ -73,21 +93,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path):
   checkpoints from process 0; results.json and config.json are process 0's). A real launch shares one workdir.
   """
   root = write_dataset(tmp_path / "data", n_users=70)  # 490 rows in batches of 64: the last batch is padded
-  deadline = time.monotonic() + 110
-  port = _free_port()
-  procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)] + [tmp_path / "single.log"]
-  try:
-    for i in range(2):
-      procs.append(_main(tmp_path / f"process{i}", root, 2, logs[i], f"--coordinator_address=localhost:{port}",
-                         "--num_processes=2", f"--process_id={i}"))
-    _wait(procs, logs, deadline)
-    procs.append(_main(tmp_path / "single", root, 4, logs[2]))  # after the pair: 2 cores, one run at a time
-    _wait(procs[2:], logs[2:], deadline)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  _pair_then_single(tmp_path, root, TINY_CONFIG, seconds=110)
   multi = json.loads((tmp_path / "process0" / "results.json").read_text())
   single = json.loads((tmp_path / "single" / "results.json").read_text())
   assert multi["devices"] == single["devices"] == 4
@@ -108,21 +114,7 @@ def test_two_processes_pretrain_like_one_process_of_four(tmp_path):
   losses step by step; only process 0 writes the history, both take part in the checkpoint saves."""
   root = tmp_path / "items"
   write_items(root)
-  deadline = time.monotonic() + 300  # MMEnc compiles slower than stage 2 on a 2-core CPU
-  port = _free_port()
-  procs, logs = [], [tmp_path / f"process{i}.log" for i in range(2)] + [tmp_path / "single.log"]
-  try:
-    for i in range(2):
-      procs.append(_main(tmp_path / f"process{i}", root, 2, logs[i], f"--coordinator_address=localhost:{port}",
-                         "--num_processes=2", f"--process_id={i}", config=TINY_PRETRAIN_CONFIG))
-    _wait(procs, logs, deadline)
-    procs.append(_main(tmp_path / "single", root, 4, logs[2], config=TINY_PRETRAIN_CONFIG))
-    _wait(procs[2:], logs[2:], deadline)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  _pair_then_single(tmp_path, root, TINY_PRETRAIN_CONFIG, seconds=300)  # MMEnc compiles slower than stage 2
   multi = json.loads((tmp_path / "process0" / "pretrain_history.json").read_text())
   single = json.loads((tmp_path / "single" / "pretrain_history.json").read_text())
   assert [h["step"] for h in multi] == [h["step"] for h in single] == [1, 2, 3, 4]
