@@ -162,7 +162,9 @@ def main(argv) -> None:
   if results and main_process:
     print(f"results: {os.path.join(workdir, 'results.json')}")
     sys.stdout.flush()
-  logging.info("results: %s", json.dumps({k: results[k] for k in ("best_epoch", "test") if k in results}))
+  summary = {k: results[k] for k in ("best_epoch", "test") if k in results}
+  if summary:  # a training run's; a probe's results are its table (probes.format_probe_table, logged above)
+    logging.info("results: %s", json.dumps(summary))
 
 
 if __name__ == "__main__":
