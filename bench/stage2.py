@@ -74,7 +74,7 @@ def profile_parts(config, model, inputs, params, batch, tx) -> dict:
   pos = jnp.asarray(batch["pos"])
 
   def sim_target(f, pos):  # the cosine target of the similarity loss, as cca.similarity_preserving computes it
-    n = cca._normalize(f[pos])  # pylint: disable=protected-access
+    n = cca.normalize(f[pos])
     return cca.cosine_target_sum_sq(n, n)
   parts["sim_target_cosines"] = _timed(jax.jit(sim_target), feats, pos)
   parts["similarity_loss_fwd_bwd"] = _timed(jax.jit(jax.grad(

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """torch.nn.functional.normalize: x / max(‖x‖, eps), row-wise, written as x / sqrt(max(‖x‖², eps²)).
 
   The same values and the same gradient as torch's, also at a zero row (the content view of an item whose features
@@ -34,7 +34,7 @@ def info_nce(view1_local: jax.Array, view2_all: jax.Array, positive: jax.Array, 
     weight_local: [b] 1/0 real-row mask of the anchors; weight_all: [B] the same for the candidates.
     n_real: number of real rows in the whole batch.
   """
-  a, b = _normalize(view1_local), _normalize(view2_all)
+  a, b = normalize(view1_local), normalize(view2_all)
   logits = (a @ b.T) / temperature  # [b, B]
   if temperature >= 0.02:
     # Cosines are in [-1, 1], so exp(logits) <= exp(1/τ) cannot overflow: no max-subtraction pass (it doubles the
@@ -52,7 +52,7 @@ def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
   A zero row (a feature masked by zeroing, in the mask-modality probe) gets similarity 0 rather than the reference's
   NaN, as torch's F.normalize would give; other rows are unchanged.
   """
-  return _normalize(a) @ _normalize(b).T
+  return normalize(a) @ normalize(b).T
 
 
 def _sum_sq_gram_symmetric(n: jax.Array, block_rows: int = 512) -> jax.Array:
@@ -103,7 +103,7 @@ def similarity_preserving(emb_local: jax.Array, emb_all: jax.Array, feat_local: 
   both the values and the gradients add up across shards.
   """
   def rows_normalised(f, w):
-    return jax.lax.stop_gradient(_normalize(f) * w[:, None])
+    return jax.lax.stop_gradient(normalize(f) * w[:, None])
 
   b, big_b = emb_local.shape[0], emb_all.shape[0]
   e_g, n_g = emb_all * weight_all[:, None], rows_normalised(feat_all, weight_all)

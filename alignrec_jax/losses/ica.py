@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignrec_jax.losses import cca
+
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """`[B, H, W, C]` -> `[B, P, patch_size * patch_size * C]`, patches in row-major order (as the patch embedding)."""
@@ -68,9 +70,7 @@ def mim_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
 
 def itc_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> jax.Array:
   """Symmetric InfoNCE between `[B, d]` image and text embeddings (matching rows are the positives)."""
-  # x / max(‖x‖, 1e-6) with a finite gradient at a zero row (jnp.linalg.norm's is NaN there)
-  a = image_emb * jax.lax.rsqrt(jnp.maximum(jnp.sum(image_emb * image_emb, -1, keepdims=True), 1e-12))
-  b = text_emb * jax.lax.rsqrt(jnp.maximum(jnp.sum(text_emb * text_emb, -1, keepdims=True), 1e-12))
+  a, b = cca.normalize(image_emb, eps=1e-6), cca.normalize(text_emb, eps=1e-6)
   logits = a @ b.T / temperature
   labels = jnp.arange(a.shape[0])
   return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
