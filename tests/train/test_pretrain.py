@@ -10,7 +10,7 @@ from PIL import Image
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.train import bridge
 from alignrec_jax.train import pretrain as pretrain_lib
-from configs import base
+from tests.train import tiny_pretrain_config
 
 N_ITEMS = 8
 WORDS = ["red", "blue", "green", "round", "square", "small", "large", "bright"]
@@ -29,13 +29,10 @@ def _items(root):
 
 
 def _config(root, steps=6):
-  config = base.get_base_config()
+  """The tiny stage-1 config (dropout on: the resumed run must also reproduce the dropout keys) on these items."""
+  config = tiny_pretrain_config.get_config()
   config.data.root = str(root)
-  pre = config.pretrain
-  pre.size, pre.image_size, pre.patch_size, pre.max_text_len = "tiny", 8, 4, 8
-  pre.batch_size, pre.steps, pre.warmup_steps, pre.lr = 4, steps, 2, 1e-3
-  pre.checkpoint_every, pre.log_every, pre.extract_batch_size = 2, 1, 3
-  pre.dropout = 0.1  # the resumed run must also reproduce the dropout keys
+  config.pretrain.steps = steps
   config.train.num_devices = 2
   return config
 
