@@ -192,6 +192,12 @@ def _builder_class():
   """The builder class, defined on first use so that importing this module does not import tfds."""
   tfds = _tfds()
 
+  class LocalDatasetInfo(tfds.core.DatasetInfo):
+    def initialize_from_bucket(self):
+      # A local builder has nothing on tfds's GCS bucket, and tfds's version leaves an empty /tmp/tmp*tfds
+      # directory behind on every unprepared instantiation.
+      pass
+
   class ItemContent(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # built per call: no global registry
     """Items of one `items.tsv`: resized image and token ids, one split `items` in item-id order."""
 
@@ -205,7 +211,7 @@ def _builder_class():
 
     def _info(self):
       s, length = self._image_size, self._max_text_len
-      return tfds.core.DatasetInfo(
+      return LocalDatasetInfo(
           builder=self,
           description=f"item content of {self._table.path}",
           features=tfds.features.FeaturesDict({

@@ -1,6 +1,7 @@
 """items.tsv validation, the tokenizer, and the tensorflow-datasets builder round trip."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -104,7 +105,10 @@ def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
     content.Tokenizer.load(str(tmp_path / "bad.json"))
 
 
-def test_builder_round_trip(tmp_path):
+def test_builder_round_trip(tmp_path, monkeypatch):
+  system_tmp = tmp_path / "system_tmp"
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
   path = _write_table(tmp_path)
   table = content.read_items(path)
   tok = content.Tokenizer.build(table.texts, vocab_size=40)
@@ -125,3 +129,4 @@ def test_builder_round_trip(tmp_path):
   assert len(os.listdir(tmp_path / "tfds")) == 1
   content.item_content_source(table, tok, image_size=8, max_text_len=12, data_dir=str(tmp_path / "tfds"))
   assert len(os.listdir(tmp_path / "tfds")) == 2
+  assert not os.listdir(system_tmp), "building left files in the system temp dir"
