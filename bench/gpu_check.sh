@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU check (under 8 minutes): install the CUDA build of the pinned JAX, then run the stage-2 bench on
 # the Baby-scale data, the propagation bench (which sparse backend is faster here) and the stage-1 bench at `base`
-# size, printing epoch time, evaluation time and memory.
+# size, printing epoch time, evaluation time and memory, and a few steps plus one full evaluation at Amazon
+# Electronics' shape (192k users, 63k items: does it fit one GPU?).
 # Run from the repository root on a GPU machine with ../shared/data beside the repository:
 #   bash bench/gpu_check.sh            (writes bench JSON lines to ${OUT:-/tmp}/gpu_check.jsonl)
 set -euo pipefail
@@ -18,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 {
   timeout 300 "$PYTHON" bench/stage2.py --feature_dim=4096 2>&1 | tail -n 3
   timeout 120 "$PYTHON" bench/stage2.py --feature_dim=768 2>&1 | tail -n 3
+  timeout 240 "$PYTHON" bench/stage2.py --scale=elec --feature_dim=768 --max_steps=20 --epochs=1 --evals=1 2>&1 | tail -n 1
   timeout 60 "$PYTHON" bench/propagation.py 2>&1 | tail -n 1  # gather vs segment_sum on this GPU (model.propagation)
   timeout 120 "$PYTHON" bench/stage1.py --steps=20 --base_steps=3 --base_batch=16 --vocab=64000 2>&1 | tail -n 3
 } | tee "$OUT/gpu_check.jsonl"
