@@ -202,9 +202,9 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
     meta.update(epoch=epoch, sampler_state=sampler.get_state(), stopped_early=stop)
     ckpt.save(epoch + 1, parallel.get_replicated(p_params, devices), parallel.get_replicated(p_opt, devices), meta,
               improved, value)
-    logging.info("epoch %d: loss %.4f (bpr %.4f, cca %.4f, sim %.4f) lr %.2e, train %.1fs | valid %s %.4f, test %s "
-                 "%.4f, eval %.2fs%s", epoch, means["loss"], means.get("bpr", 0.0), means.get("cca", 0.0),
-                 means.get("sim", 0.0), lr, train_s, valid_key, value, valid_key, test[valid_key], eval_s,
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items()) if k != "loss")  # the model's own terms
+    logging.info("epoch %d: loss %.4f (%s) lr %.2e, train %.1fs | valid %s %.4f, test %s %.4f, eval %.2fs%s", epoch,
+                 means["loss"], parts, lr, train_s, valid_key, value, valid_key, test[valid_key], eval_s,
                  " *" if improved else f" ({meta['bad_epochs']} without improvement)")
     if stop:
       logging.info("early stop after epoch %d: %d epochs without a better valid %s", epoch, meta["bad_epochs"],
