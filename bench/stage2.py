@@ -16,9 +16,10 @@ The reference implementation on this 2-core CPU: median 39 s per training epoch,
 --scale=elec replaces baby.inter by generated interactions of Amazon Electronics' shape (192,403 users, 63,001
 items, 1,689,188 interactions, at least 5 per user, Zipf-like item popularity, 80/10/10 per user) to check that
 the whole step (kNN build over all items, training, full-ranking evaluation of every user) fits a 24 GB host;
---max_steps caps the timed epochs (a full Electronics epoch is 660 steps). step_device_mb is XLA's own account of
+--max_steps caps the timed epochs (a full Electronics epoch is 618 steps). step_device_mb is XLA's own account of
 one device's memory for the compiled training step (arguments + outputs + temporaries, minus aliased donations):
-what a GPU must hold for it; device_peak_mb is the allocator's measured peak where the backend counts (GPU/TPU). Ends with ONE JSON line: {"epoch_s", "eval_s", "compile_s", "peak_rss_mb", ...}.
+what a GPU must hold for it; device_peak_mb is the allocator's measured peak where the backend counts (GPU/TPU).
+Ends with ONE JSON line: {"epoch_s", "eval_s", "compile_s", "peak_rss_mb", ...}.
 """
 
 import json
@@ -232,7 +233,8 @@ def main(argv):
             # minor page faults per epoch: host memory the steps take fresh from the kernel
             "epoch_page_faults": int(statistics.median(epoch_faults)),
             "step_s": round(step_s, 4), "steps_per_epoch": sampler.steps_per_epoch, "timed_steps": n_steps,
-            "step_device_mb": device_mb, "device_peak_mb": device_peak_mb(), "scale": _SCALE.value, "users": data.n_users, "items": data.n_items,
+            "step_device_mb": device_mb, "device_peak_mb": device_peak_mb(),
+            "scale": _SCALE.value, "users": data.n_users, "items": data.n_items,
             "graph_build_s": round(graph_s, 3), "feature_dim": _DIM.value,
             "devices": len(devices), "platform": jax.default_backend(), "load_avg_1m": os.getloadavg()[0]}
   if _PROFILE.value:

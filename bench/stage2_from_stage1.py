@@ -56,8 +56,8 @@ def main(argv):
     result = compare.compare(config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
     merged["models"][arm] = result["models"][model]
   table = compare.markdown_table(merged)
-  with open(os.path.join(workdir, "stage2_from_stage1.md"), "w", encoding="utf-8") as f:
-    f.write(f"# {merged['dataset']}: stage 2 on stage-1 features, test at the best valid epoch\n\n{table}")
+  compare._write_text(os.path.join(workdir, "stage2_from_stage1.md"),  # atomic, as compare's own tables
+                      f"# {merged['dataset']}: stage 2 on stage-1 features, test at the best valid epoch\n\n{table}")
   print("\n" + table)
   summary = {arm: {f"test_recall@20_{k}": entry["test"]["recall@20"][k] for k in ("mean", "std", "values")}
              for arm, entry in merged["models"].items()}
