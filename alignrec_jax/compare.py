@@ -104,16 +104,36 @@ def _write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+  """{dotted key: leaf} of nested dicts."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str) -> dict:
-  """results.json of one run, training it unless it is already there (then its recorded settings must match)."""
+  """results.json of one run, training it unless it is already there (then its recorded settings must match).
+
+  The recorded identity holds the whole resolved config of the run, so a result trained under other settings (a
+  config file changed since, another --config.* override) is refused instead of silently reused."""
   os.makedirs(workdir, exist_ok=True)
-  identity = {"model": model_name, "seed": int(seed), "overrides": overrides}
+  run_config = apply_overrides(config, model_name, seed, overrides)
+  identity = json.loads(json.dumps({"model": model_name, "seed": int(seed), "overrides": overrides,
+                                    "config": json.loads(run_config.to_json())}))
   id_path = os.path.join(workdir, "compare_run.json")
   if os.path.exists(id_path):
     with open(id_path, encoding="utf-8") as f:
       recorded = json.load(f)
-    if recorded != json.loads(json.dumps(identity)):
-      raise ValueError(f"{workdir} holds a different run ({recorded}, now {identity}): use another --workdir")
+    if recorded != identity:
+      old, new = _flatten(recorded), _flatten(identity)
+      differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+      shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differ[:5])
+      raise ValueError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
+                       f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path) and os.path.exists(id_path):
     with open(results_path, encoding="utf-8") as f:
@@ -121,7 +141,6 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       return json.load(f)
   _write_json(id_path, identity)
   from alignrec_jax.train import recommend
-  run_config = apply_overrides(config, model_name, seed, overrides)
   logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
   return recommend.run(run_config, workdir)
 

@@ -1,5 +1,6 @@
 """compare.py: grid expansion, overrides, the mean ± std table, and a two-model, two-seed run on tiny data."""
 
+import copy
 import json
 import math
 import os
@@ -87,6 +88,11 @@ def test_compare_two_models_two_seeds(tmp_path):
   assert again["models"]["bprmf"]["runs"]["5"] == result["models"]["bprmf"]["runs"]["5"]
   with pytest.raises(ValueError, match="different run"):
     compare.train_once(config, "bprmf", 5, {"model.bprmf.reg_weight": 1.0}, os.path.join(out, "bprmf", "seed5"))
+  # A config changed since (same model, seed and overrides) is a different run too, and the error names the key.
+  changed = copy.deepcopy(config)
+  changed.model.bprmf.reg_weight = 0.5
+  with pytest.raises(ValueError, match=r"different run \(1 settings differ: config\.model\.bprmf\.reg_weight"):
+    compare.compare(changed, ["bprmf"], 1, out)
 
 
 def test_grid_keys_restrict_the_grid_and_unknown_keys_fail(tmp_path):
