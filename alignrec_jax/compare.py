@@ -125,21 +125,28 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
   identity = json.loads(json.dumps({"model": model_name, "seed": int(seed), "overrides": overrides,
                                     "config": json.loads(run_config.to_json())}))
   id_path = os.path.join(workdir, "compare_run.json")
-  if os.path.exists(id_path):
+  recorded_before = os.path.exists(id_path)  # results.json counts only with an identity that vouches for it
+  if recorded_before:
     with open(id_path, encoding="utf-8") as f:
       recorded = json.load(f)
-    if recorded != identity:
-      old, new = _flatten(recorded), _flatten(identity)
+    checked = identity
+    if "config" not in recorded:  # written before the identity held the config: only the rest can be checked
+      logging.warning("%s was recorded without its config (an older alignrec_jax): checking model, seed and "
+                      "overrides only; its settings may differ from this config's", workdir)
+      checked = {k: v for k, v in identity.items() if k != "config"}
+    if recorded != checked:
+      old, new = _flatten(recorded), _flatten(checked)
       differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
       shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differ[:5])
       raise ValueError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
                        f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
+  else:
+    _write_json(id_path, identity)
   results_path = os.path.join(workdir, "results.json")
-  if os.path.exists(results_path) and os.path.exists(id_path):
+  if recorded_before and os.path.exists(results_path):
     with open(results_path, encoding="utf-8") as f:
       logging.info("%s seed %d: results already in %s", model_name, seed, results_path)
       return json.load(f)
-  _write_json(id_path, identity)
   from alignrec_jax.train import recommend
   logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
   return recommend.run(run_config, workdir)

@@ -93,6 +93,16 @@ def test_compare_two_models_two_seeds(tmp_path):
   changed.model.bprmf.reg_weight = 0.5
   with pytest.raises(ValueError, match=r"different run \(1 settings differ: config\.model\.bprmf\.reg_weight"):
     compare.compare(changed, ["bprmf"], 1, out)
+  # A directory recorded by an older version (no config in its identity) is still matched on the rest.
+  id_path = os.path.join(out, "bprmf", "seed5", "compare_run.json")
+  with open(id_path) as f:
+    legacy = {k: v for k, v in json.load(f).items() if k != "config"}
+  with open(id_path, "w") as f:
+    json.dump(legacy, f)
+  legacy_run = compare.compare(changed, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"]
+  assert legacy_run == result["models"]["bprmf"]["runs"]["5"]
+  with pytest.raises(ValueError, match="different run"):
+    compare.train_once(config, "bprmf", 5, {"model.bprmf.reg_weight": 1.0}, os.path.join(out, "bprmf", "seed5"))
 
 
 def test_grid_keys_restrict_the_grid_and_unknown_keys_fail(tmp_path):
