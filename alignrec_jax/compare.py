@@ -13,7 +13,11 @@ hyper-parameters are --config.model.<name>.<key>).
 --grid first trains every combination of the model's hyper-parameter grid (its `hyper_grid()`; AlignRec's is
 spec alignrec.md §7, below; --grid_keys restricts it to some of its keys) with the first seed, in
 <workdir>/<model>/grid/<key><value>_.../, and keeps the combination with the best VALID metric (--select_metric,
-default recall@20; the first one on ties); the test split plays no part in the choice. The seeds then run with that combination (the first seed's run is the grid run itself).
+default recall@20; the first one on ties); the test split plays no part in the choice. The seeds then run with that
+combination (the first seed's run is the grid run itself).
+
+A run directory reuses its results.json only if its compare_run.json records the same model, seed, overrides and
+resolved config; otherwise it is refused with the differing keys named.
 
 Output: <workdir>/comparison.json
   {"metrics": [...], "models": {name: {"seeds": [...], "overrides": {...}, "runs": {seed: {"workdir", "best_epoch",
