@@ -3,7 +3,10 @@
   python -m alignrec_jax.report /tmp/lfm2k_s999 /tmp/lfm2k_s1 /tmp/probe_lfm2k [--out=/tmp/report]
 
 Reads `<workdir>/results.json` of stage-2 runs (`valid`/`test`/`history`) and probe runs (`probe`, see
-eval/probes.py) and writes `<out>/report.md` (default out: `<first workdir>/report`) with
+eval/probes.py), and `<workdir>/comparison.json` of `alignrec_jax.compare` workdirs, and writes `<out>/report.md`
+(default out: `<first workdir>/report`) with
+  * the model comparison of each compare workdir (test metrics, mean ± std over seeds, the best mean in bold) and
+    its bars with the seeds' std as error bars: comparison.png;
   * runs side by side (best valid epoch, valid and test metrics), the best value of each column in bold;
   * training curves (loss and the valid metric per epoch, one line per run): curves.png;
   * probe metrics per feature table and class (test), best per column in bold: probe.png;
@@ -28,10 +31,14 @@ PLOT_EXTRA = "pip install -r requirements-report.txt"
 
 
 def load_results(workdir: str) -> dict:
-  """`<workdir>/results.json`, with a clear error when it is missing or unreadable."""
+  """`<workdir>/results.json`, or {"comparison": ...} of a compare workdir's comparison.json; clear errors."""
   path = os.path.join(workdir, "results.json")
+  comparison = os.path.join(workdir, "comparison.json")
+  if not os.path.isfile(path) and os.path.isfile(comparison):
+    path = comparison
   if not os.path.isfile(path):
-    raise ValueError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe)?")
+    raise ValueError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe) or of "
+                     "python -m alignrec_jax.compare (comparison.json)?")
   try:
     with open(path, "r", encoding="utf-8") as f:
       results = json.load(f)
@@ -39,6 +46,10 @@ def load_results(workdir: str) -> dict:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(results, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
+  if path == comparison:
+    if not isinstance(results.get("models"), dict):
+      raise ValueError(f"{path}: no 'models' object: not written by python -m alignrec_jax.compare")
+    return {"comparison": results}
   return results
 
 
@@ -55,17 +66,26 @@ def run_names(workdirs: Sequence[str]) -> list:
       depth[i] += 1
 
 
+def _number(value):
+  """The value a cell is ranked by: a number itself, the mean of a (mean, std) pair, else None."""
+  if isinstance(value, tuple) and len(value) == 2:
+    value = value[0]
+  return value if isinstance(value, (int, float)) else None
+
+
 def _fmt(value) -> str:
+  if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+    return f"{value[0]:.4f} ± {value[1]:.4f}"
   return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[tuple], bold_from: int = 1,
                    no_bold_rows: Sequence[int] = ()) -> str:
   """A Markdown table of (label, value, ...) rows; the largest value of each column from `bold_from` is in bold
-  (ignoring rows in `no_bold_rows`, e.g. references)."""
+  (ignoring rows in `no_bold_rows`, e.g. references). A value may be a (mean, std) pair, ranked by its mean."""
   best = {}
   for col in range(bold_from, len(header)):
-    values = [r[col] for i, r in enumerate(rows) if i not in no_bold_rows and isinstance(r[col], (int, float))]
+    values = [_number(r[col]) for i, r in enumerate(rows) if i not in no_bold_rows and _number(r[col]) is not None]
     if values:
       best[col] = max(values)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -76,7 +96,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[tuple], bold_from: int 
         cells.append(str(value))
         continue
       text = _fmt(value)
-      if i not in no_bold_rows and col in best and value == best[col]:
+      if i not in no_bold_rows and col in best and _number(value) == best[col]:
         text = f"**{text}**"
       cells.append(text)
     lines.append("| " + " | ".join(cells) + " |")
@@ -95,6 +115,13 @@ def probe_rows(results: dict) -> list:
       else:
         out.append((feature, cls, value))
   return out
+
+
+def comparison_rows(comparison: dict, metrics: Sequence[str], main_metric: str) -> list:
+  """[(model, seeds, (mean, std) per test metric..., valid (mean, std))] of a compare run's comparison.json."""
+  pair = lambda stats: (stats["mean"], stats["std"]) if stats else None
+  return [(model, len(entry.get("seeds", [])), *[pair(entry.get("test", {}).get(m)) for m in metrics],
+           pair(entry.get("valid", {}).get(main_metric))) for model, entry in comparison["models"].items()]
 
 
 def _longtail_entries(named_results: Sequence[tuple]) -> list:
@@ -184,6 +211,26 @@ def plot_probe(plt, named_results: Sequence[tuple], metric: str, path: str) -> b
   return True
 
 
+def plot_comparison(plt, named_results: Sequence[tuple], metric: str, path: str) -> bool:
+  panels = [(n, r["comparison"]) for n, r in named_results if r.get("comparison")]
+  if not panels:
+    return False
+  fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 5 * len(panels)), 4), squeeze=False)
+  for ax, (name, comparison) in zip(axes[0], panels):
+    models = list(comparison["models"])
+    stats = [comparison["models"][m].get("test", {}).get(metric) or {"mean": 0.0, "std": 0.0} for m in models]
+    ax.bar(range(len(models)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_title(f"{name} ({comparison.get('dataset', '?')})", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot_longtail(plt, entries: Sequence[tuple], metric: str, path: str) -> bool:
   if not entries:
     return False
@@ -212,6 +259,19 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
   plt = _pyplot()
   lines = ["# alignrec_jax report", "", "Runs: " + ", ".join(f"`{n}` ({os.path.abspath(w)})"
                                                             for (n, _), w in zip(named, workdirs)), ""]
+
+  for name, results in named:
+    comparison = results.get("comparison")
+    if not comparison:
+      continue
+    seeds = sorted({s for entry in comparison["models"].values() for s in entry.get("seeds", [])})
+    header = ["model", "seeds"] + [f"test {m}" for m in metrics] + [f"valid {main_metric}"]
+    lines += [f"## Model comparison: `{name}` ({comparison.get('dataset', '?')})", "",
+              f"Each model trained with seeds {seeds} on the same data, splits, sampler and evaluation; metrics at "
+              "each run's best valid epoch, mean ± sample std over its seeds; the best mean of each column in bold."
+              + (f" Hyper-parameters selected on valid {comparison['select_metric']}."
+                 if comparison.get("select_metric") else ""), "",
+              markdown_table(header, comparison_rows(comparison, metrics, main_metric), bold_from=2), ""]
 
   trained = [(n, r) for n, r in named if isinstance(r.get("test"), dict) and r.get("test")]
   if trained:
@@ -265,6 +325,7 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     lines += [f"_Plots skipped: matplotlib is not installed ({PLOT_EXTRA})._", ""]
   else:
     for file, title, draw in (
+        ("comparison.png", "Model comparison", lambda p: plot_comparison(plt, named, main_metric, p)),
         ("curves.png", "Training curves", lambda p: plot_curves(plt, named, p)),
         ("probe.png", "Probe metrics per feature table", lambda p: plot_probe(plt, named, main_metric, p)),
         ("longtail.png", "Long-tail groups", lambda p: plot_longtail(plt, entries, main_metric, p))):

@@ -83,6 +83,10 @@ def test_compare_two_models_two_seeds(tmp_path):
   with open(os.path.join(out, "comparison.md")) as f:
     table = f.read()
   assert "| lightgcn | 2 |" in table and "±" in table
+  # The report renders the compare workdir's table (mean ± std over the seeds).
+  from alignrec_jax import report  # pylint: disable=g-import-not-at-top
+  text = open(report.build_report([out], str(tmp_path / "report")), encoding="utf-8").read()
+  assert "## Model comparison: `cmp` (tiny)" in text and "| lightgcn | 2 |" in text and " ± " in text
   # A second call reuses the runs; the same directory with other settings is refused.
   again = compare.compare(config, ["bprmf"], 1, out)
   assert again["models"]["bprmf"]["runs"]["5"] == result["models"]["bprmf"]["runs"]["5"]

@@ -44,6 +44,32 @@ def _probe_run(path):
       "features": {"text": {"source": "text.npy", "dim": 384}, "random": {"source": "random:384", "dim": 384}}})
 
 
+def _comparison(path):
+  stats = lambda mean, std: {"mean": mean, "std": std, "values": [mean - std, mean + std]}
+  entry = lambda r20, std: {"seeds": [1, 2], "test": {m: stats(v, std) for m, v in _metrics(r20).items()},
+                            "valid": {"recall@20": stats(r20 + 0.01, std)}}
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "comparison.json"), "w", encoding="utf-8") as f:
+    json.dump({"dataset": "tiny", "select_metric": None,
+               "models": {"alignrec": entry(0.30, 0.01), "bprmf": entry(0.25, 0.02)}}, f)
+  return str(path)
+
+
+def test_report_renders_a_compare_workdir(tmp_path):
+  path = report.build_report([_comparison(tmp_path / "cmp")], str(tmp_path / "out"))
+  text = open(path, encoding="utf-8").read()
+  assert "## Model comparison: `cmp` (tiny)" in text and "seeds [1, 2]" in text
+  assert ("| model | seeds | test recall@10 | test recall@20 | test ndcg@10 | test ndcg@20 | valid recall@20 |"
+          in text)
+  # mean ± std cells, the best mean of each column in bold
+  assert "| alignrec | 2 | **0.1500 ± 0.0100** | **0.3000 ± 0.0100** |" in text
+  assert "| bprmf | 2 | 0.1250 ± 0.0200 | 0.2500 ± 0.0200 |" in text
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "comparison.json").write_text("{}")
+  with pytest.raises(ValueError, match="no 'models' object"):
+    report.build_report([str(tmp_path / "bad")])
+
+
 def test_report_tables_bold_the_best_and_cover_probe_and_longtail(tmp_path):
   a = _train_run(tmp_path / "seed1" / "run", 0.30)
   b = _train_run(tmp_path / "seed2" / "run", 0.25)
@@ -66,9 +92,10 @@ def test_report_draws_the_plots(tmp_path):
   pytest.importorskip("matplotlib", reason="matplotlib is the report's optional extra (requirements-report.txt)")
   a = _train_run(tmp_path / "a", 0.3)
   p = _probe_run(tmp_path / "probe")
-  path = report.build_report([a, p])  # default out: <first workdir>/report
+  c = _comparison(tmp_path / "cmp")
+  path = report.build_report([a, p, c])  # default out: <first workdir>/report
   assert path == os.path.join(a, "report", "report.md")
-  for name in ("curves.png", "probe.png", "longtail.png"):
+  for name in ("comparison.png", "curves.png", "probe.png", "longtail.png"):
     png = os.path.join(a, "report", name)
     with open(png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
