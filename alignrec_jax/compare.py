@@ -122,12 +122,18 @@ def _flatten(tree, prefix: str = "") -> dict:
 def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str) -> dict:
   """results.json of one run, training it unless it is already there (then its recorded settings must match).
 
-  The recorded identity holds the whole resolved config of the run, so a result trained under other settings (a
-  config file changed since, another --config.* override) is refused instead of silently reused."""
+  The recorded identity holds the resolved config of the run (less the other models' config.model.<name>
+  sections), so a result trained under other settings (a config file changed since, another --config.* override)
+  is refused instead of silently reused."""
   os.makedirs(workdir, exist_ok=True)
+  from alignrec_jax.models import registered
   run_config = apply_overrides(config, model_name, seed, overrides)
+  settings = json.loads(run_config.to_json())
+  for other in registered():  # another model's own section (config.model.<name>) cannot change this run
+    if other != model_name:
+      settings.get("model", {}).pop(other, None)
   identity = json.loads(json.dumps({"model": model_name, "seed": int(seed), "overrides": overrides,
-                                    "config": json.loads(run_config.to_json())}))
+                                    "config": settings}))
   id_path = os.path.join(workdir, "compare_run.json")
   recorded_before = os.path.exists(id_path)  # results.json counts only with an identity that vouches for it
   if recorded_before:

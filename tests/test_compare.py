@@ -92,6 +92,11 @@ def test_compare_two_models_two_seeds(tmp_path):
   assert again["models"]["bprmf"]["runs"]["5"] == result["models"]["bprmf"]["runs"]["5"]
   with pytest.raises(ValueError, match="different run"):
     compare.train_once(config, "bprmf", 5, {"model.bprmf.reg_weight": 1.0}, os.path.join(out, "bprmf", "seed5"))
+  # Another model's own settings do not touch this model's runs.
+  other = copy.deepcopy(config)
+  other.model.lightgcn.reg_weight = 0.5
+  reused = compare.compare(other, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"]
+  assert reused == result["models"]["bprmf"]["runs"]["5"]
   # A config changed since (same model, seed and overrides) is a different run too, and the error names the key.
   changed = copy.deepcopy(config)
   changed.model.bprmf.reg_weight = 0.5
