@@ -85,9 +85,8 @@ def main(argv):
     data = mmrec.load_dataset(run.data)
     tables[name] = {v: bridge.load_feature_table(workdir, data.n_items, v) for v in bridge.VARIANTS}
     if name == "random":  # the text as a bag of words: the same items and tokenizer in both runs
-      tokenizer, items = pretrain._load_items(run, workdir)  # pylint: disable=protected-access
+      _, items = pretrain._load_items(run, workdir)  # pylint: disable=protected-access
       tables["bow"] = {"full": bag_of_words(items["tokens"], len(content.SPECIAL_TOKENS))}
-      del tokenizer
     for table_name in [name] + (["bow"] if name == "random" else []):
       for variant, table in tables[table_name].items():
         for form, feats in (("", table), ("_centred", centred(table))):
