@@ -92,6 +92,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.mim_weight = 1.0
   pre.itc_weight = 0.0
   pre.itc_temperature = 0.07    # InfoNCE temperature of the optional ITC term
+  pre.cls_bow_weight = 0.0      # the item's words predicted from the visual [CLS] state (losses/ica.py)
   pre.tie_mlm_head = True       # MLM logits from the token embedding matrix (False: a separate projection)
   pre.mim_target = "pixels"     # pixels (per-patch normalised, MAE-style) | raw_pixels
   pre.batch_size = 64

@@ -6,6 +6,11 @@
   and variance, as MAE/SimMIM) on BEiT-style block-wise masked patches (about 40%). The target is pluggable: any
   `(images [B, H, W, 3], patch_size) -> [B, P, k]` function, with a matching head width.
 - ITC (optional, weight 0 by default): symmetric InfoNCE between the separately encoded image and text [CLS] states.
+- [CLS] bag of words (optional, weight 0 by default): from the visual [CLS] state of the same masked input, predict
+  every word of the item's text (cross-entropy against the text's word distribution). MLM and MIM are solved at the
+  token and patch positions and leave the [CLS] state, which is the item feature, nearly untrained; this term makes
+  it a bottleneck that must summarise the whole item (the RetroMAE/Condenser idea, with a bag-of-words decoder as
+  DupMAE uses), still mask-then-predict: half of the words it must name are masked at the input.
 
 Everything here is a pure function; masks are drawn from explicit RNG keys.
 """
@@ -77,6 +82,20 @@ def itc_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> j
                 + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
 
+def bow_loss(logits: jax.Array, tokens: jax.Array, special_ids) -> jax.Array:
+  """Cross-entropy of `[B, V]` logits against each text's word distribution (its non-special ids of `[B, L]`
+  tokens, counted), averaged over the texts that have words."""
+  words = jnp.ones(tokens.shape, bool)
+  for sid in special_ids:
+    words &= tokens != sid
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(log_p, tokens, axis=-1)  # [B, L]: log p of the word at each position
+  n_words = words.sum(-1)
+  per_text = -(picked * words).sum(-1) / jnp.maximum(n_words, 1)
+  has_words = (n_words > 0).astype(jnp.float32)
+  return (per_text * has_words).sum() / jnp.maximum(has_words.sum(), 1.0)
+
+
 def _top_n_mask(key: jax.Array, eligible: jax.Array, prior: jax.Array, n: jax.Array) -> jax.Array:
   """Marks `n` eligible positions: first those with `prior`, then uniformly random others."""
   score = jax.random.uniform(key, eligible.shape) + 2.0 * prior
@@ -141,7 +160,7 @@ def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> 
 
 def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: float, image_mask_ratio: float,
              mlm_weight: float = 1.0, mim_weight: float = 1.0, itc_weight: float = 0.0,
-             itc_temperature: float = 0.07, mim_target: Callable = normalized_pixel_targets,
+             itc_temperature: float = 0.07, cls_bow_weight: float = 0.0, mim_target: Callable = normalized_pixel_targets,
              mask_id: int = 3, special_ids=(0, 1, 2), deterministic: bool = False) -> tuple[jax.Array, dict]:
   """The ICA objective of one batch.
 
@@ -150,7 +169,7 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
     batch: {"image": uint8 [B, H, W, 3], "tokens": int32 [B, L]}.
     key: RNG key for the masks and dropout.
   Returns:
-    (loss, metrics) with metrics {"loss", "mlm", "mim", "mlm_acc", "itc"} scalars.
+    (loss, metrics) with metrics {"loss", "mlm", "mim", "mlm_acc", "itc", "bow"} scalars.
   """
   from alignrec_jax.models.mmenc import normalize_images  # pylint: disable=g-import-not-at-top
   k_img, k_txt, k_drop = jax.random.split(key, 3)
@@ -165,10 +184,14 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
   mlm, acc = mlm_loss(out["mlm_logits"], tokens, word_mask)
   mim = mim_loss(out["mim_pred"], mim_target(images, model.patch_size), patch_mask)
   loss = mlm_weight * mlm + mim_weight * mim
+  bow = jnp.zeros(())
+  if cls_bow_weight:
+    bow = bow_loss(out["bow_logits"], tokens, special_ids)
+    loss = loss + cls_bow_weight * bow
   itc = jnp.zeros(())
   if itc_weight:
     sep = model.apply({"params": params}, x, tokens, None, joint=False, deterministic=deterministic,
                       rngs={"dropout": jax.random.fold_in(k_drop, 1)})
     itc = itc_loss(sep["cls"], sep["text_cls"], itc_temperature)
     loss = loss + itc_weight * itc
-  return loss, {"loss": loss, "mlm": mlm, "mim": mim, "mlm_acc": acc, "itc": itc}
+  return loss, {"loss": loss, "mlm": mlm, "mim": mim, "mlm_acc": acc, "itc": itc, "bow": bow}

@@ -89,7 +89,9 @@ class MMEnc(nn.Module):
   """The multiway encoder with its pre-training heads.
 
   Attributes: sizes as in `SIZES`; `vocab_size` of the tokenizer; `tie_mlm_head`: MLM logits use the token
-  embedding matrix (plus a bias) instead of a separate projection.
+  embedding matrix (plus a bias) instead of a separate projection; `cls_bow_head`: a bag-of-words head on the
+  visual [CLS] state (one dense layer, logits from the token embedding matrix), the decoder of the [CLS]
+  bottleneck term of the ICA loss (losses/ica.py).
   """
   vocab_size: int
   image_size: int = 32
@@ -102,6 +104,7 @@ class MMEnc(nn.Module):
   n_vl_layers: int = 1
   dropout: float = 0.0
   tie_mlm_head: bool = True
+  cls_bow_head: bool = False
   pad_id: int = 0
 
   @property
@@ -140,6 +143,11 @@ class MMEnc(nn.Module):
       self.mlm_proj = nn.Dense(self.vocab_size, name="mlm_proj")
     self.mim_ln = nn.LayerNorm(name="mim_ln")
     self.mim_proj = nn.Dense(self.patch_size * self.patch_size * 3, name="mim_proj")
+    if self.cls_bow_head:  # created last: flax derives each parameter's init key from its name, so the encoder's
+      # initialisation (and the random-init baseline) is the same with or without this head
+      self.bow_dense = nn.Dense(self.hidden, name="bow_dense")
+      self.bow_ln = nn.LayerNorm(name="bow_ln")
+      self.bow_bias = self.param("bow_bias", nn.initializers.zeros, (self.vocab_size,))
 
   def encode(self, images: jax.Array, tokens: jax.Array, patch_mask: Optional[jax.Array] = None,
              joint: bool = True, deterministic: bool = True) -> jax.Array:
@@ -177,7 +185,8 @@ class MMEnc(nn.Module):
 
     Returns:
       {"cls": [B, d] visual-[CLS] feature, "text_cls": [B, d] hidden state at the text's first position,
-       "mlm_logits": [B, L, vocab], "mim_pred": [B, P, patch_size**2 * 3]}
+       "mlm_logits": [B, L, vocab], "mim_pred": [B, P, patch_size**2 * 3]}, plus "bow_logits": [B, vocab] (the
+      item's words predicted from the visual [CLS] state alone) when the model has `cls_bow_head`.
     """
     h = self.encode(images, tokens, patch_mask, joint, deterministic)
     n_image = 1 + self.n_patches
@@ -186,8 +195,12 @@ class MMEnc(nn.Module):
       logits = self.token_embed.attend(text_h) + self.mlm_bias
     else:
       logits = self.mlm_proj(text_h)
-    return {"cls": h[:, 0], "text_cls": h[:, n_image], "mlm_logits": logits,
-            "mim_pred": self.mim_proj(self.mim_ln(h[:, 1:n_image]))}
+    out = {"cls": h[:, 0], "text_cls": h[:, n_image], "mlm_logits": logits,
+           "mim_pred": self.mim_proj(self.mim_ln(h[:, 1:n_image]))}
+    if self.cls_bow_head:
+      bow = self.bow_ln(nn.gelu(self.bow_dense(h[:, 0])))
+      out["bow_logits"] = self.token_embed.attend(bow) + self.bow_bias
+    return out
 
   def features(self, images, tokens, patch_mask=None) -> jax.Array:
     """The item feature: final visual-[CLS] state of the joint input, `[B, d]` (no dropout)."""
@@ -200,5 +213,6 @@ def make_mmenc(pretrain_config, vocab_size: int, pad_id: int = 0) -> MMEnc:
     raise ValueError(f"config.pretrain.size={pretrain_config.size!r} is not one of {sorted(SIZES)}")
   return MMEnc(vocab_size=vocab_size, image_size=pretrain_config.image_size, patch_size=pretrain_config.patch_size,
                max_text_len=pretrain_config.max_text_len, dropout=pretrain_config.dropout,
-               tie_mlm_head=pretrain_config.get("tie_mlm_head", True), pad_id=pad_id,
+               tie_mlm_head=pretrain_config.get("tie_mlm_head", True),
+               cls_bow_head=pretrain_config.get("cls_bow_weight", 0.0) > 0, pad_id=pad_id,
                **SIZES[pretrain_config.size])

@@ -81,7 +81,8 @@ def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
     raise ValueError(f"config.pretrain.mim_target={pre.mim_target!r} is not one of {sorted(ica.MIM_TARGETS)}")
   return dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
               mlm_weight=pre.mlm_weight, mim_weight=pre.mim_weight, itc_weight=pre.itc_weight,
-              itc_temperature=pre.get("itc_temperature", 0.07), mim_target=ica.MIM_TARGETS[pre.mim_target],
+              itc_temperature=pre.get("itc_temperature", 0.07), cls_bow_weight=pre.get("cls_bow_weight", 0.0),
+              mim_target=ica.MIM_TARGETS[pre.mim_target],
               mask_id=tokenizer.mask_id, special_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id))
 
 
@@ -203,9 +204,10 @@ def pretrain(config, workdir: str) -> dict:
         row = {k: v / window_steps for k, v in window.items()}
         row.update(step=done, items_per_s=window_steps * pre.batch_size / max(elapsed, 1e-9))
         meta["history"].append(row)
-        logging.info("pretrain step %d/%d: loss %.4f  mlm %.4f (acc %.3f)  mim %.4f%s  %.1f items/s", done,
+        logging.info("pretrain step %d/%d: loss %.4f  mlm %.4f (acc %.3f)  mim %.4f%s%s  %.1f items/s", done,
                      pre.steps, row["loss"], row["mlm"], row["mlm_acc"], row["mim"],
-                     f"  itc {row['itc']:.4f}" if pre.itc_weight else "", row["items_per_s"])
+                     f"  itc {row['itc']:.4f}" if pre.itc_weight else "",
+                     f"  cls-bow {row['bow']:.4f}" if pre.get("cls_bow_weight", 0.0) else "", row["items_per_s"])
         window, window_start, window_steps = {}, time.perf_counter(), 0
       if done % max(pre.checkpoint_every, 1) == 0 or done == pre.steps:
         host = parallel.unreplicate((params, opt_state))

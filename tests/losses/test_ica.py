@@ -87,3 +87,41 @@ def test_ica_loss_runs_and_has_gradients():
   assert float(metrics["mlm"]) > 0 and float(metrics["mim"]) > 0 and float(metrics["itc"]) > 0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["block_1"]["vl_ffn"]["Dense_0"]["kernel"]).sum()) > 0
+
+
+def test_bow_loss_is_the_cross_entropy_against_the_word_distribution():
+  vocab = 6
+  logits = jnp.log(jnp.asarray([[0.05, 0.05, 0.05, 0.05, 0.6, 0.2],
+                                [1 / 6] * 6,
+                                [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]]))
+  # specials 0/1/2 never count; text 0 holds word 4 twice and word 5 once; text 2 has no words at all
+  tokens = jnp.asarray([[1, 4, 5, 4, 2, 0], [1, 3, 2, 0, 0, 0], [1, 2, 0, 0, 0, 0]])
+  loss = ica.bow_loss(logits, tokens, special_ids=(0, 1, 2))
+  text0 = -(2 * math.log(0.6) + math.log(0.2)) / 3
+  text1 = math.log(vocab)
+  np.testing.assert_allclose(loss, (text0 + text1) / 2, rtol=1e-5)  # the empty text is left out, not counted as 0
+
+
+def test_cls_bow_term_trains_the_visual_cls_and_leaves_the_encoder_init_alone():
+  kw = dict(vocab_size=20, image_size=8, patch_size=4, max_text_len=6, layers=2, hidden=16, heads=2, mlp=32,
+            n_vl_layers=1)
+  model, with_head = mmenc.MMEnc(**kw), mmenc.MMEnc(**kw, cls_bow_head=True)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)),
+           "tokens": jnp.asarray([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0]] * 2, jnp.int32)}
+  x = mmenc.normalize_images(batch["image"])
+  plain = model.init(jax.random.key(0), x, batch["tokens"])["params"]
+  params = with_head.init(jax.random.key(0), x, batch["tokens"])["params"]
+  assert set(params) - set(plain) == {"bow_dense", "bow_ln", "bow_bias"}
+  # the random-init baseline of bench/stage1_quality.py must not depend on whether the head exists
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), plain,
+                                          {k: params[k] for k in plain})))
+  fn = lambda p, w: ica.ica_loss(with_head, p, batch, jax.random.key(1), text_mask_ratio=0.5, image_mask_ratio=0.5,
+                                 cls_bow_weight=w)
+  (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params, 2.0)
+  np.testing.assert_allclose(loss, metrics["mlm"] + metrics["mim"] + 2.0 * metrics["bow"], rtol=1e-5)
+  assert float(metrics["bow"]) > 0
+  assert float(jnp.abs(grads["bow_dense"]["kernel"]).sum()) > 0
+  # weight 0: the head gets no gradient and the metric reads 0
+  (_, metrics0), grads0 = jax.value_and_grad(fn, has_aux=True)(params, 0.0)
+  assert float(metrics0["bow"]) == 0.0 and float(jnp.abs(grads0["bow_dense"]["kernel"]).sum()) == 0.0

@@ -106,3 +106,20 @@ def test_untied_head_and_config_sizes():
   with pytest.raises(ValueError, match="config.pretrain.size='huge'"):
     cfg.size = "huge"
     mmenc.make_mmenc(cfg, 1000)
+
+
+def test_cls_bow_head_reads_the_visual_cls_only():
+  model = _model(cls_bow_head=True)
+  images, tokens = _inputs()
+  params = model.init(jax.random.key(0), images, tokens)["params"]
+  out = model.apply({"params": params}, images, tokens)
+  assert out["bow_logits"].shape == (3, 50)
+  assert "bow_logits" not in _model().apply({"params": {k: v for k, v in params.items() if not k.startswith("bow")}},
+                                            images, tokens)
+  # the head is a function of the [CLS] state: same [CLS] state, same logits
+  head = lambda p, h: p["bow_bias"] + mmenc.nn.LayerNorm().apply({"params": p["bow_ln"]}, mmenc.nn.gelu(
+      h @ p["bow_dense"]["kernel"] + p["bow_dense"]["bias"])) @ p["token_embed"]["embedding"].T
+  np.testing.assert_allclose(out["bow_logits"], head(params, out["cls"]), rtol=1e-4, atol=1e-5)
+  cfg = ml_collections.ConfigDict(dict(size="tiny", image_size=16, patch_size=4, max_text_len=8, dropout=0.0,
+                                       cls_bow_weight=0.5))
+  assert mmenc.make_mmenc(cfg, 50).cls_bow_head
