@@ -9,6 +9,9 @@ ranked by cosine to it with train items masked, metrics of `eval/ranking.evaluat
 Existing stage-1 work in the workdir is reused. Prints the ICA losses (first and last logged window) and ends with
 one JSON line.
 
+Item-CF (decisions.md: ItemKNNCBF over the full table, `config.probe.item_cf_k` neighbours, shrink
+`config.probe.item_cf_shrink`) scores the table's neighbourhoods, which stage 2's item-item kNN graph is built from.
+
 Each table is also scored with its column mean removed ("centred"): cosine ranking rewards a table whose rows share
 one direction differently from one whose rows are spread out, and pre-training changes exactly that (ITC spreads the
 [CLS] rows), so the raw comparison alone can mislead. For scale, the same two scores of the encoder's own text input
@@ -65,6 +68,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from alignrec_jax.data import mmrec  # pylint: disable=g-import-not-at-top
   from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.eval import probes, ranking  # pylint: disable=g-import-not-at-top
   from alignrec_jax.train import bridge, pretrain  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   out = {"device": jax.devices()[0].device_kind, "pretrain_steps": config.pretrain.steps, "size": config.pretrain.size}
@@ -78,7 +82,7 @@ def main(argv):
     pretrain.extract(run, workdir)
     out[f"{name}_stage1_s"] = round(time.perf_counter() - start, 1)
     if steps:
-      for key in ("mlm", "mim", "mlm_acc", "loss"):
+      for key in ("mlm", "mim", "mlm_acc", "loss") + (("bow",) if run.pretrain.cls_bow_weight else ()):
         out[f"ica_{key}_first"] = round(summary["first"][key], 4)
         out[f"ica_{key}_last"] = round(summary["last"][key], 4)
     run.data.image_feat = ""
@@ -94,12 +98,23 @@ def main(argv):
             metrics = zero_shot(data, feats, split)
             for metric in ("recall@20", "ndcg@20"):
               out[f"{table_name}_{variant}{form}_{split}_{metric}"] = metrics[metric]
+      # item-CF (decisions.md): the table's kNN neighbourhoods, which stage 2's item-item graph is built from
+      splits = {split: ranking.make_eval_split(data, split) for split in ("valid", "test")}
+      cf = probes.probe_features(tables[table_name]["full"], data, splits, ("item_cf",), run.eval,
+                                 run.probe.item_cf_k, run.probe.item_cf_shrink)["item_cf"]
+      for split in splits:
+        for metric in ("recall@20", "ndcg@20"):
+          out[f"{table_name}_item_cf_{split}_{metric}"] = cf[split][metric]
   for variant in bridge.VARIANTS:
     for form in ("", "_centred"):
       logging.info("zero-shot test recall@20 (%s%s): pre-trained %.4f vs random init %.4f", variant, form,
                    out[f"pretrained_{variant}{form}_test_recall@20"], out[f"random_{variant}{form}_test_recall@20"])
   logging.info("zero-shot test recall@20 of the text as a bag of words: %.4f (centred %.4f)",
                out["bow_full_test_recall@20"], out["bow_full_centred_test_recall@20"])
+  for split in ("valid", "test"):
+    logging.info("item-CF %s recall@20: pre-trained %.4f vs random init %.4f (bag of words %.4f)", split,
+                 out[f"pretrained_item_cf_{split}_recall@20"], out[f"random_item_cf_{split}_recall@20"],
+                 out[f"bow_item_cf_{split}_recall@20"])
   print(json.dumps(out))
 
 
