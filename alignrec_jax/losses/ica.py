@@ -160,8 +160,9 @@ def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> 
 
 def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: float, image_mask_ratio: float,
              mlm_weight: float = 1.0, mim_weight: float = 1.0, itc_weight: float = 0.0,
-             itc_temperature: float = 0.07, cls_bow_weight: float = 0.0, mim_target: Callable = normalized_pixel_targets,
-             mask_id: int = 3, special_ids=(0, 1, 2), deterministic: bool = False) -> tuple[jax.Array, dict]:
+             itc_temperature: float = 0.07, cls_bow_weight: float = 0.0,
+             mim_target: Callable = normalized_pixel_targets, mask_id: int = 3, special_ids=(0, 1, 2),
+             deterministic: bool = False) -> tuple[jax.Array, dict]:
   """The ICA objective of one batch.
 
   Args:
