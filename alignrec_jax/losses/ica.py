@@ -82,12 +82,18 @@ def itc_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> j
                 + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
 
-def bow_loss(logits: jax.Array, tokens: jax.Array, special_ids) -> jax.Array:
-  """Cross-entropy of `[B, V]` logits against each text's word distribution (its non-special ids of `[B, L]`
-  tokens, counted), averaged over the texts that have words."""
+def word_positions(tokens: jax.Array, special_ids) -> jax.Array:
+  """`[B, L]` bool: True where `tokens` holds a word, i.e. none of `special_ids` ([PAD], [CLS], [SEP])."""
   words = jnp.ones(tokens.shape, bool)
   for sid in special_ids:
     words &= tokens != sid
+  return words
+
+
+def bow_loss(logits: jax.Array, tokens: jax.Array, special_ids) -> jax.Array:
+  """Cross-entropy of `[B, V]` logits against each text's word distribution (its non-special ids of `[B, L]`
+  tokens, counted), averaged over the texts that have words."""
+  words = word_positions(tokens, special_ids)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   picked = jnp.take_along_axis(log_p, tokens, axis=-1)  # [B, L]: log p of the word at each position
   n_words = words.sum(-1)
@@ -149,9 +155,7 @@ def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> 
 
   Positions holding any of `special_ids` ([PAD], [CLS], [SEP]) are never masked.
   """
-  eligible = jnp.ones(tokens.shape, bool)
-  for sid in special_ids:
-    eligible &= tokens != sid
+  eligible = word_positions(tokens, special_ids)
   n_words = eligible.sum(axis=-1)
   n = jnp.where(n_words > 0, jnp.maximum(jnp.round(ratio * n_words), 1), 0).astype(jnp.int32)
   keys = jax.random.split(key, tokens.shape[0])

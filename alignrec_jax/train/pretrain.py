@@ -244,14 +244,14 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
 def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens: np.ndarray,
                      tokenizer: content.Tokenizer, batch_size: int) -> dict:
   """{variant: [n_items, hidden] float32} visual-[CLS] features of every item, in fixed-size jitted batches."""
-  special = jnp.asarray([tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id])
+  special_ids = (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id)
 
   @jax.jit
   def run(params, images, tokens):
     x = mmenc.normalize_images(images)
     b = tokens.shape[0]
     no_mask = jnp.zeros((b, model.n_patches), bool)
-    words = ~jnp.isin(tokens, special)
+    words = ica.word_positions(tokens, special_ids)
     feats = lambda t, m: model.apply({"params": params}, x, t, m, method=model.features)
     return {"full": feats(tokens, no_mask),
             "mask_image": feats(tokens, jnp.ones_like(no_mask)),
