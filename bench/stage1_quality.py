@@ -34,8 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/ml100k_posters.py",
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/stage1_quality", "where both stage-1 runs live")
 
 
-def zero_shot(data, features, split_name: str) -> dict:
-  """Metrics of the zero-shot user = mean of the user's normalised train-item features, cosine ranking."""
+def zero_shot(data, features, split) -> dict:
+  """Metrics on `split` (ranking.make_eval_split) of the zero-shot user = mean of the user's normalised train-item
+  features, cosine ranking."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from alignrec_jax.eval import ranking  # pylint: disable=g-import-not-at-top
   items = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -43,7 +44,6 @@ def zero_shot(data, features, split_name: str) -> dict:
   sums = np.add.reduceat(items[indices], indptr[:-1].clip(max=len(indices) - 1), axis=0)
   sums[np.diff(indptr) == 0] = 0.0  # users without train items (none are evaluated)
   users = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-  split = ranking.make_eval_split(data, split_name)
   return ranking.evaluate(users.astype(np.float32), items.astype(np.float32), split)
 
 
@@ -87,6 +87,7 @@ def main(argv):
         out[f"ica_{key}_last"] = round(summary["last"][key], 4)
     run.data.image_feat = ""
     data = mmrec.load_dataset(run.data)
+    splits = {split: ranking.make_eval_split(data, split) for split in ("valid", "test")}  # once per dataset load
     tables[name] = {v: bridge.load_feature_table(workdir, data.n_items, v) for v in bridge.VARIANTS}
     if name == "random":  # the text as a bag of words: the same items and tokenizer in both runs
       _, items = pretrain._load_items(run, workdir)  # pylint: disable=protected-access
@@ -94,12 +95,11 @@ def main(argv):
     for table_name in [name] + (["bow"] if name == "random" else []):
       for variant, table in tables[table_name].items():
         for form, feats in (("", table), ("_centred", centred(table))):
-          for split in ("valid", "test"):
-            metrics = zero_shot(data, feats, split)
+          for split in splits:
+            metrics = zero_shot(data, feats, splits[split])
             for metric in ("recall@20", "ndcg@20"):
               out[f"{table_name}_{variant}{form}_{split}_{metric}"] = metrics[metric]
       # item-CF (decisions.md): the table's kNN neighbourhoods, which stage 2's item-item graph is built from
-      splits = {split: ranking.make_eval_split(data, split) for split in ("valid", "test")}
       cf = probes.probe_features(tables[table_name]["full"], data, splits, ("item_cf",), run.eval,
                                  run.probe.item_cf_k, run.probe.item_cf_shrink)["item_cf"]
       for split in splits:
