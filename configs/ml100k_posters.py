@@ -67,9 +67,9 @@ def get_config():
   pre.extract_batch_size = 128
 
   # Stage 2: 5x the base lr. Selected on valid Recall@20 (seed 999) for every arm of bench/stage2_from_stage1.py:
-  # at 1e-3 all three were still climbing when early stopping ended them at epochs 190-430; at 5e-3 they
-  # peak at epochs 75-77 (57-139 over 3 seeds), higher (LightGCN valid 0.2114 -> 0.2208, AlignRec pre-trained 0.2065 -> 0.2211,
-  # random-init 0.2099 -> 0.2230) and in half the time.
+  # at 1e-3 all three were still climbing when early stopping ended them (best epochs 162-431); at 5e-3 they peak
+  # at epochs 75-77 (57-139 over 3 seeds), higher (LightGCN valid 0.2114 -> 0.2208, AlignRec pre-trained 0.2065
+  # -> 0.2211, random-init 0.2099 -> 0.2230) and in half the time.
   config.optim.lr = 5e-3
   config.train.batch_size = 2048
   config.train.epochs = 1000
