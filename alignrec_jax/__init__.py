@@ -8,6 +8,7 @@ Where things live:
   graph.py     graph construction and the one propagation function (segment_sum)
   train/       pretrain.py (stage 1), recommend.py (stage 2), state.py (checkpoints), parallel.py (pmap)
   eval/        ranking.py (MMRec-exact full ranking), probes.py (the paper's intermediate evaluations)
+  export.py    a trained run's vectors and top-k lists (the export stage) and `load_run`; recommend.py its CLI
 """
 
 import os
@@ -21,3 +22,11 @@ __version__ = "0.1.0"
 _NO_YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type="
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_YNN_FUSION}".strip()
+
+
+def __getattr__(name):
+  """`alignrec_jax.load_run`, imported on first use (importing the package stays free of JAX)."""
+  if name == "load_run":
+    from alignrec_jax.export import load_run  # pylint: disable=g-import-not-at-top
+    return load_run
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

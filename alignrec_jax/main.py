@@ -9,6 +9,7 @@
   train     stage 2: CCA + UIA training of the recommender, early stopping, test at the best valid epoch
   all       pretrain, extract, then train on the extracted features (each step skips work already done)
   probe     the paper's intermediate evaluations of one or more feature tables
+  export    a finished stage-2 run's best epoch: user/item vectors, top-k lists, manifest in <workdir>/export/
 
 An unknown `--config.*` key is an error. Results go to `<workdir>/results.json`; rerunning the same command in the
 same workdir resumes from the latest checkpoint.
@@ -24,7 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-STAGES = ("pretrain", "extract", "train", "all", "probe")
+STAGES = ("pretrain", "extract", "train", "all", "probe", "export")
 
 
 
@@ -97,6 +98,10 @@ def run(config, workdir: str) -> dict:
   if config.stage == "probe":
     from alignrec_jax.eval import probes
     return probes.run(config, workdir)
+  if config.stage == "export":
+    from alignrec_jax import export
+    export.run(config, workdir)
+    return {}
   from alignrec_jax.train import recommend
   return recommend.run(config, workdir)
 
@@ -150,15 +155,18 @@ def main(argv) -> None:
   config = FLAGS.config
   workdir = os.path.expanduser(FLAGS.workdir)
   from alignrec_jax.data.mmrec import DataError
+  from alignrec_jax.export import RunError
   try:
     results = run(config, workdir)
-  except (DataError, FloatingPointError) as e:  # bad input or a diverged run: the message says what and where
+  except (DataError, FloatingPointError, RunError) as e:  # bad input, a diverged run, a run not ready to export
     logging.error("%s", e)
     sys.exit(f"error: {e}")
   table = format_metrics_table(results) if main_process else ""
   if table:
     best = results.get("best_epoch")
     print(f"\nbest epoch {best} (selected on valid {config.eval.valid_metric})\n{table}")
+  if config.stage == "export" and main_process:
+    print(f"export: {os.path.join(workdir, 'export')} (files described in docs/formats.md)")
   if results and main_process:
     print(f"results: {os.path.join(workdir, 'results.json')}")
     sys.stdout.flush()

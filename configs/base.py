@@ -78,6 +78,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.batch_users = 4096
   ev.popularity_groups = ()     # e.g. (0.2,) = head 20% / tail 80% of items by train popularity
 
+  # ---------------------------------------------------------------- export (a trained run's recommendations)
+  config.export = export = ml_collections.ConfigDict()
+  export.k = 50                 # top-k list length per user in export/topk.tsv
+  export.users = "all"          # whose lists: valid | test | all (every user id)
+  export.item_table = ""        # tab-separated itemID -> text table under data.root ("" = data.items_file if present)
+  export.item_text = "text"     # its column that names an item (recommend CLI, Run.item_text)
+
   # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), decisions.md
   config.pretrain = pre = ml_collections.ConfigDict()
   pre.size = "tiny"             # tiny | small | base

@@ -60,4 +60,6 @@ def get_config():
   # costs more than the denoising gains.
   config.model.freedom.dropout = 0.9
   config.model.freedom.reg_weight = 0.03
+  config.export.item_table = "item_map.tsv"  # itemID -> artist: the recommend CLI prints names
+  config.export.item_text = "name"
   return config

@@ -81,6 +81,18 @@ def make_eval_split(data: RecData, split: str) -> EvalSplit:
   return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, data.n_items)
 
 
+def make_user_split(data: RecData, users: np.ndarray, exclude_seen: bool = True, name: str = "users") -> EvalSplit:
+  """A split of any users (in the given order, repeats allowed) with no held-out items, for `topk_items`: their
+  train items masked exactly as `make_eval_split` masks them (`exclude_seen`), or nothing masked."""
+  users = np.asarray(users, np.int32).reshape(-1)
+  if exclude_seen:
+    mask_indptr, mask_items = _csr_rows(*data.train_csr(), users)
+  else:
+    mask_indptr, mask_items = np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int32)
+  empty_indptr = np.zeros(len(users) + 1, np.int64)
+  return EvalSplit(name, users, mask_indptr, mask_items, empty_indptr, np.zeros(0, np.int32), data.n_items)
+
+
 def _masked_topk_fn(user_emb: jax.Array, item_emb: jax.Array, users: jax.Array, mask_rows: jax.Array,
                  mask_cols: jax.Array, k: int) -> jax.Array:
   """Top-k item ids of `user_emb[users] @ item_emb.T` with (mask_rows, mask_cols) set to -inf.

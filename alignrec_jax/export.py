@@ -1,0 +1,434 @@
+"""From a trained stage-2 run to recommendations: the `export` stage and the Python API `load_run`.
+
+  python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k --config.stage=export
+  python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --user=0 --k=10
+
+  run = alignrec_jax.export.load_run("/tmp/lfm2k")   # also alignrec_jax.load_run
+  items, scores = run.recommend([0, 1], k=10)         # [2, 10] item ids and scores, train items excluded
+  run.item_text(int(items[0, 0]))                     # the item table's text ("Britney Spears" on lfm2k)
+
+The export stage restores the BEST checkpoint of a finished stage-2 run (the epoch selected on the valid metric,
+whose test metrics results.json reports), computes the user and item vectors with the model's `representations`,
+the function evaluation scores with (score = dot product), and writes into `<workdir>/export/`:
+
+  user_emb.npy   [n_users, d] float32, row = MMRec userID
+  item_emb.npy   [n_items, d] float32, row = MMRec itemID
+  topk.tsv       userID, rank (1-based), itemID, score: the top `export.k` items of each user of `export.users`
+                 (valid | test | all), the user's train items masked as in evaluation (eval/ranking.py, the same
+                 blocked top-k); a user with fewer than k unmasked items gets fewer rows
+  manifest.json  the config, best epoch and checkpoint step, the selection metric and its value, the shapes, and
+                 the sha256 of each file above
+
+The four files are written into a temporary folder that replaces `export/` only when all of them are complete.
+docs/formats.md describes the formats. Cold items (scored through their features only) are not exported: that
+needs a cold-start protocol the trainer does not have yet.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from alignrec_jax.data import mmrec
+from alignrec_jax.eval import ranking
+from alignrec_jax.models import get_model
+from alignrec_jax.train import parallel
+from alignrec_jax.train import recommend as recommend_lib
+from alignrec_jax.train import state as state_lib
+
+EXPORT_DIR = "export"
+FILES = ("user_emb.npy", "item_emb.npy", "topk.tsv")
+USERS = ("valid", "test", "all")
+_TSV_BLOCK = 4096  # users formatted per write
+
+
+class RunError(ValueError):
+  """A workdir that cannot be exported or loaded, or a bad request to a loaded run; the message says which."""
+
+
+# ------------------------------------------------------------------------------------------------- the run on disk
+
+
+def finished_results(workdir: str) -> dict:
+  """results.json of a finished stage-2 run in `workdir` (RunError naming what is missing otherwise)."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isdir(workdir):
+    raise RunError(f"workdir not found: {workdir}")
+  if not os.path.isfile(path):
+    raise RunError(f"{workdir} holds no finished stage-2 run ({path} is missing): train it to the end first "
+                   "(python -m alignrec_jax.main --config=... --workdir=... with config.stage=train)")
+  try:
+    with open(path, "r", encoding="utf-8") as f:
+      results = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: not readable JSON ({e})") from None
+  if not isinstance(results, dict) or int(results.get("best_epoch", -1)) < 0:
+    raise RunError(f"{path}: no best epoch (key 'best_epoch'): not the results of a finished stage-2 run")
+  return results
+
+
+def _to_tuples(value):
+  """JSON lists back to the tuples the configs use (config.json stores tuples as lists)."""
+  if isinstance(value, dict):
+    return {k: _to_tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_to_tuples(v) for v in value)
+  return value
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was last run with (`<workdir>/config.json`, written by alignrec_jax.main)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise RunError(f"{path} is missing: the run was not made with python -m alignrec_jax.main, so its config is "
+                   "unknown")
+  try:
+    with open(path, "r", encoding="utf-8") as f:
+      return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: not a readable config ({e})") from None
+
+
+def _interactions_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.data without its feature tables: what recommending from exported vectors needs."""
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.image_feat, data.text_feat, data.features_from = "", "", ""
+  return data
+
+
+def best_vectors(config: ml_collections.ConfigDict, workdir: str,
+                 data: Optional[mmrec.RecData] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(user_emb [U, d], item_emb [I, d], meta) of the best checkpoint in `workdir`, computed as the trainer's
+  evaluation computes them: the model's `representations` on the built inputs, on the trainer's devices."""
+  if data is None:
+    data = mmrec.load_dataset(config.data)
+  model = get_model(config.model.name)(config)
+  if not callable(getattr(model, "representations", None)):
+    raise RunError(f"model {config.model.name!r} gives no user/item vectors whose dot products are its scores "
+                   "(no `representations`): it cannot be exported")
+  inputs = model.build_inputs(data)
+  params = model.init(jax.random.PRNGKey(config.seed), inputs)
+  if hasattr(model, "inputs_after_init"):
+    inputs = model.inputs_after_init(inputs)
+  # The trainer's optimiser (train/recommend.py): its state's structure is part of every checkpoint.
+  opt_state = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr)).init(params)
+  try:
+    params, meta = state_lib.restore_best_params(os.path.join(workdir, "checkpoints"), params, opt_state)
+  except FileNotFoundError as e:
+    raise RunError(str(e)) from None
+  devices = parallel.local_devices(config.train.num_devices)
+  representations = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
+  user_emb, item_emb = parallel.get_replicated(
+      representations(parallel.put_replicated(params, devices), parallel.put_replicated(inputs, devices)), devices)
+  user_emb, item_emb = np.asarray(user_emb), np.asarray(item_emb)
+  if (user_emb.ndim != 2 or item_emb.ndim != 2 or user_emb.shape[1] != item_emb.shape[1]
+      or user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items):
+    raise RunError(f"model {config.model.name!r} scores with something other than user x item dot products "
+                   f"(representations of shapes {user_emb.shape}, {item_emb.shape}): it cannot be exported")
+  return user_emb.astype(np.float32), item_emb.astype(np.float32), meta
+
+
+# ------------------------------------------------------------------------------------------------- the export stage
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: str):
+  """Yields a temporary folder beside `path` that replaces `path` when the block ends without an error."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = f"{path}.old{os.getpid()}"
+  if os.path.exists(path):
+    os.replace(path, old)
+  os.replace(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _scores(user_emb: np.ndarray, item_emb: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+  """[n, k] float32 dot products user_emb[users[n]] . item_emb[items[n, k]]."""
+  return np.einsum("nd,nkd->nk", user_emb[users], item_emb[items]).astype(np.float32)
+
+
+def _write_topk(path: str, split: ranking.EvalSplit, top: np.ndarray, user_emb: np.ndarray,
+                item_emb: np.ndarray) -> int:
+  """Writes topk.tsv; rows whose item is masked (users with fewer than k unmasked items) are left out."""
+  n_rows = 0
+  masked = ranking.hits_matrix(top, dataclasses.replace(split, truth_indptr=split.mask_indptr,
+                                                        truth_items=split.mask_items))
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("userID\trank\titemID\tscore\n")
+    for lo in range(0, len(split.users), _TSV_BLOCK):
+      users, items = split.users[lo:lo + _TSV_BLOCK], top[lo:lo + _TSV_BLOCK]
+      scores = _scores(user_emb, item_emb, users, items)
+      keep = ~masked[lo:lo + _TSV_BLOCK]
+      lines = [f"{u}\t{r + 1}\t{items[n, r]}\t{scores[n, r]:.7g}"
+               for n, u in enumerate(users) for r in np.flatnonzero(keep[n])]
+      if lines:
+        f.write("\n".join(lines) + "\n")
+      n_rows += len(lines)
+  return n_rows
+
+
+def export_split(data: mmrec.RecData, which: str) -> ranking.EvalSplit:
+  """The users of `export.users` with their train items masked as in evaluation."""
+  if which in ("valid", "test"):
+    return ranking.make_eval_split(data, which)
+  if which == "all":
+    return ranking.make_user_split(data, np.arange(data.n_users), name="all")
+  raise RunError(f"config.export.users={which!r} must be one of {USERS}")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The export stage: writes <workdir>/export/ from the best checkpoint; returns the manifest."""
+  export_config = config.get("export", ml_collections.ConfigDict({"k": 50, "users": "all"}))
+  k, which = int(export_config.k), str(export_config.users)
+  if k < 1:
+    raise RunError(f"config.export.k={k} must be >= 1")
+  if which not in USERS:
+    raise RunError(f"config.export.users={which!r} must be one of {USERS}")
+  if jax.process_count() > 1:
+    raise RunError("the export stage runs in one process: start it without --num_processes / coordinator")
+  results = finished_results(workdir)
+  data = mmrec.load_dataset(config.data)
+  user_emb, item_emb, meta = best_vectors(config, workdir, data)
+  if meta["best_epoch"] != results["best_epoch"]:
+    raise RunError(f"the checkpoints' best epoch ({meta['best_epoch']}) is not results.json's "
+                   f"({results['best_epoch']}): the run in {workdir} was continued and has not finished; rerun its "
+                   "training command first")
+  split = export_split(data, which)
+  top = ranking.topk_items(user_emb, item_emb, split, k=k, batch_users=config.eval.batch_users)
+  out_dir = os.path.join(workdir, EXPORT_DIR)
+  with _atomic_dir(out_dir) as tmp:
+    np.save(os.path.join(tmp, "user_emb.npy"), user_emb)
+    np.save(os.path.join(tmp, "item_emb.npy"), item_emb)
+    n_rows = _write_topk(os.path.join(tmp, "topk.tsv"), split, top, user_emb, item_emb)
+    valid_metric = results.get("valid_metric", config.eval.valid_metric)
+    manifest = {
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "best_epoch": results["best_epoch"],
+        "checkpoint_step": meta["best_step"],
+        "selected_on": {"split": "valid", "metric": valid_metric,
+                        "value": results.get("valid", {}).get(valid_metric)},
+        "test_metrics": results.get("test", {}),
+        "score": "dot product of user_emb and item_emb rows",
+        "k": min(k, data.n_items),
+        "users": which,
+        "shapes": {"user_emb": list(user_emb.shape), "item_emb": list(item_emb.shape),
+                   "topk": [int(len(split.users)), min(k, data.n_items)], "topk_rows": n_rows},
+        "cold_items": None,  # no cold-start protocol yet: every exported item was trained on
+        "sha256": {name: _sha256(os.path.join(tmp, name)) for name in FILES},
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    recommend_lib.write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+  logging.info("exported the best epoch %d (valid %s %s) of %s to %s: %d users x %d items, d=%d, %d top-k rows",
+               manifest["best_epoch"], valid_metric, manifest["selected_on"]["value"], workdir, out_dir,
+               user_emb.shape[0], item_emb.shape[0], user_emb.shape[1], n_rows)
+  return manifest
+
+
+# ------------------------------------------------------------------------------------------------- the Python API
+
+
+def read_item_table(path: str, text_column: str, n_items: int) -> dict:
+  """{itemID: text} from a tab-separated table with a header naming `itemID` and `text_column`."""
+  if not os.path.isfile(path):
+    raise RunError(f"item table not found: {path} (config.export.item_table)")
+  table = {}
+  with open(path, "r", encoding="utf-8") as f:
+    header = f.readline().rstrip("\r\n").split("\t")
+    if "itemID" not in header or text_column not in header:
+      raise RunError(f"{path}, line 1: needs columns 'itemID' and {text_column!r} (config.export.item_text), "
+                     f"has {header}")
+    id_col, text_col = header.index("itemID"), header.index(text_column)
+    for lineno, line in enumerate(f, start=2):
+      fields = line.rstrip("\r\n").split("\t")
+      if len(fields) != len(header):
+        if not line.strip():
+          continue
+        raise RunError(f"{path}, line {lineno}: expected {len(header)} tab-separated fields, got {len(fields)}")
+      try:
+        item = int(fields[id_col])
+      except ValueError:
+        raise RunError(f"{path}, line {lineno}: itemID must be an integer, got {fields[id_col]!r}") from None
+      if 0 <= item < n_items:
+        table[item] = fields[text_col]
+  return table
+
+
+def _item_table_path(config: ml_collections.ConfigDict) -> str:
+  """The configured item table, else the data's items.tsv when there is one ('' when there is none)."""
+  root = os.path.expanduser(config.data.root)
+  export_config = config.get("export", {})
+  name = export_config.get("item_table", "") or config.data.get("items_file", "")
+  if not name:
+    return ""
+  path = name if os.path.isabs(name) else os.path.join(root, name)
+  if not export_config.get("item_table", "") and not os.path.isfile(path):
+    return ""  # the default items.tsv is optional
+  return path
+
+
+class Run:
+  """A finished stage-2 run, ready to recommend: see `load_run`."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, results: dict, data: mmrec.RecData,
+               user_emb: np.ndarray, item_emb: np.ndarray, items: Optional[dict]):
+    self.workdir, self.config, self.results, self.data = workdir, config, results, data
+    self.user_emb, self.item_emb = user_emb, item_emb
+    self.best_epoch = int(results["best_epoch"])
+    self._items = items
+    norms = np.linalg.norm(item_emb, axis=1, keepdims=True)
+    self._unit_items = item_emb / np.maximum(norms, 1e-12)
+
+  @property
+  def n_users(self) -> int:
+    return self.data.n_users
+
+  @property
+  def n_items(self) -> int:
+    return self.data.n_items
+
+  def _ids(self, ids, n: int, what: str) -> tuple[np.ndarray, bool]:
+    scalar = np.ndim(ids) == 0
+    try:
+      arr = np.asarray(ids).reshape(-1).astype(np.int64, casting="safe")
+    except TypeError:
+      raise RunError(f"{what} ids must be integers, got {ids!r}") from None
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+      raise RunError(f"unknown {what} id {int(bad[0])}: this run's {what} ids are 0..{n - 1}")
+    return arr.astype(np.int32), scalar
+
+  def recommend(self, user_ids, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, scores) of the top k items of each user, ranked by the dot product as evaluation ranks them.
+
+    user_ids: an int (-> arrays [k]) or a sequence (-> [n, k]). exclude_seen masks the user's train items (as
+    evaluation does); a user with fewer than k unmasked items gets item id -1 and score -inf in the last places.
+    """
+    users, scalar = self._ids(user_ids, self.n_users, "user")
+    k = self._k(k)
+    split = ranking.make_user_split(self.data, users, exclude_seen)
+    top = ranking.topk_items(self.user_emb, self.item_emb, split, k=k, batch_users=self.config.eval.batch_users)
+    scores = _scores(self.user_emb, self.item_emb, users, top)
+    if exclude_seen:
+      masked = ranking.hits_matrix(top, dataclasses.replace(split, truth_indptr=split.mask_indptr,
+                                                            truth_items=split.mask_items))
+      top, scores = np.where(masked, -1, top), np.where(masked, -np.inf, scores).astype(np.float32)
+    return (top[0], scores[0]) if scalar else (top, scores)
+
+  def similar_items(self, item_ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, cosine similarities) of the k items whose vectors are closest to each item's (itself left out).
+
+    item_ids: an int (-> arrays [k]) or a sequence (-> [n, k]).
+    """
+    items, scalar = self._ids(item_ids, self.n_items, "item")
+    k = self._k(k, self.n_items - 1)
+    n = len(items)
+    split = ranking.EvalSplit("similar", items, np.arange(n + 1, dtype=np.int64), items.copy(),
+                              np.zeros(n + 1, np.int64), np.zeros(0, np.int32), self.n_items)
+    top = ranking.topk_items(self._unit_items, self._unit_items, split, k=k,
+                             batch_users=self.config.eval.batch_users)
+    scores = _scores(self._unit_items, self._unit_items, items, top)
+    return (top[0], scores[0]) if scalar else (top, scores)
+
+  def item_text(self, item_id: int) -> Optional[str]:
+    """The item table's text of `item_id` (lfm2k: the artist's name); None when the data has no item table."""
+    item = int(self._ids(item_id, self.n_items, "item")[0][0])
+    if self._items is None:
+      return None
+    return self._items.get(item)
+
+  def train_items(self, user_id: int) -> np.ndarray:
+    """The user's train items (what exclude_seen masks)."""
+    user = int(self._ids(user_id, self.n_users, "user")[0][0])
+    indptr, indices = self.data.train_csr()
+    return indices[indptr[user]:indptr[user + 1]]
+
+  def _k(self, k, limit: Optional[int] = None) -> int:
+    limit = self.n_items if limit is None else limit
+    if int(k) != k or k < 1:
+      raise RunError(f"k={k} must be a positive integer")
+    return min(int(k), limit)
+
+
+def _exported_vectors(workdir: str, results: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
+  """The vectors of export/ when it was written from the same best epoch as results.json, else None."""
+  directory = os.path.join(workdir, EXPORT_DIR)
+  try:
+    with open(os.path.join(directory, "manifest.json"), "r", encoding="utf-8") as f:
+      manifest = json.load(f)
+    if manifest.get("best_epoch") != results["best_epoch"]:
+      return None
+    user_emb = np.load(os.path.join(directory, "user_emb.npy"), allow_pickle=False)
+    item_emb = np.load(os.path.join(directory, "item_emb.npy"), allow_pickle=False)
+  except (OSError, ValueError):
+    return None
+  if [list(user_emb.shape), list(item_emb.shape)] != [manifest["shapes"]["user_emb"], manifest["shapes"]["item_emb"]]:
+    return None
+  return user_emb, item_emb
+
+
+def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
+  """A finished stage-2 run of `workdir` for recommending from Python.
+
+  The vectors come from `<workdir>/export/` when it holds the best epoch's, else from the best checkpoint (restored
+  and computed as the export stage does). `config` defaults to the workdir's config.json.
+  """
+  workdir = os.path.expanduser(workdir)
+  results = finished_results(workdir)
+  config = config if config is not None else read_config(workdir)
+  exported = _exported_vectors(workdir, results)
+  if exported is not None:
+    data = mmrec.load_dataset(_interactions_only(config))
+    user_emb, item_emb = exported
+  else:
+    data = mmrec.load_dataset(config.data)
+    user_emb, item_emb, _ = best_vectors(config, workdir, data)
+    data = dataclasses.replace(data, features={})
+  if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:
+    raise RunError(f"the vectors of {workdir} ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
+                   f"its data ({data.n_users} users, {data.n_items} items)")
+  table_path = _item_table_path(config)
+  text_column = config.get("export", {}).get("item_text", "text")
+  items = read_item_table(table_path, text_column, data.n_items) if table_path else None
+  return Run(workdir, config, results, data, user_emb, item_emb, items)
+
+
+def recall_from_topk(path: str, split: ranking.EvalSplit, k: int = 20) -> float:
+  """Recall@k of a topk.tsv against a split's held-out items, computed from the file alone (a consistency check
+  of an export against results.json)."""
+  ranked = {}
+  with open(path, "r", encoding="utf-8") as f:
+    f.readline()
+    for line in f:
+      user, rank, item, _ = line.rstrip("\n").split("\t")
+      if int(rank) <= k:
+        ranked.setdefault(int(user), set()).add(int(item))
+  recalls = []
+  for row, user in enumerate(split.users):
+    truth = set(split.truth_items[split.truth_indptr[row]:split.truth_indptr[row + 1]].tolist())
+    recalls.append(len(truth & ranked.get(int(user), set())) / len(truth))
+  return float(np.mean(recalls))

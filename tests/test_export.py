@@ -1,0 +1,212 @@
+"""The export stage and `load_run`: files consistent with results.json, train items never exported, a resumed run
+exports what an uninterrupted one does, the Python API and the recommend CLI (one-line errors).
+
+Runs train on the tiny synthetic dataset of tests/train/test_recommend.py in tmp_path.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignrec_jax import export
+from alignrec_jax import main as cli
+from alignrec_jax.data import mmrec
+from alignrec_jax.eval import ranking
+from alignrec_jax.models import registered
+from tests.conftest import REPO_ROOT
+from tests.train.test_recommend import tiny_config
+from tests.train.test_recommend import write_dataset
+
+
+def _train(tmp_path, name="run", epochs=3, model="alignrec", keep_checkpoints=1, **export_keys):
+  root = tmp_path / "data"
+  if not root.exists():
+    write_dataset(root)
+  config = tiny_config(root, epochs=epochs)
+  config.model.name = model
+  config.train.keep_checkpoints = keep_checkpoints
+  workdir = str(tmp_path / name)
+  results = cli.run(config, workdir)
+  config.stage = "export"
+  for key, value in export_keys.items():
+    config.export[key] = value
+  return config, workdir, results
+
+
+def _read_topk(path):
+  rows = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
+  return rows[:, 0].astype(int), rows[:, 1].astype(int), rows[:, 2].astype(int), rows[:, 3]
+
+
+def _train_sets(config):
+  data = mmrec.load_dataset(config.data)
+  return data, {(int(u), int(i)) for u, i in data.train}
+
+
+def _train_past_the_best_epoch(tmp_path, **export_keys):
+  """A run that early-stops: its latest checkpoint is 3 epochs after the best one."""
+  write_dataset(tmp_path / "data")
+  config = tiny_config(tmp_path / "data", epochs=40, stopping_step=2)
+  config.optim.lr = 0.05
+  workdir = str(tmp_path / "run")
+  results = cli.run(config, workdir)
+  assert results["stopped_early"] and results["epochs_run"] == results["best_epoch"] + 4
+  config.stage = "export"
+  for key, value in export_keys.items():
+    config.export[key] = value
+  return config, workdir, results
+
+
+def test_export_writes_the_best_epochs_vectors_and_top_k_that_reproduce_the_test_metrics(tmp_path):
+  config, workdir, results = _train_past_the_best_epoch(tmp_path, k=20, users="all")
+  cli.run(config, workdir)
+  out = os.path.join(workdir, "export")
+  assert sorted(os.listdir(out)) == ["item_emb.npy", "manifest.json", "topk.tsv", "user_emb.npy"]
+  manifest = json.loads(open(os.path.join(out, "manifest.json"), encoding="utf-8").read())
+  user_emb, item_emb = np.load(os.path.join(out, "user_emb.npy")), np.load(os.path.join(out, "item_emb.npy"))
+  assert user_emb.dtype == item_emb.dtype == np.float32
+  assert user_emb.shape == (60, 8) and item_emb.shape == (40, 8)
+  assert manifest["best_epoch"] == results["best_epoch"] and manifest["checkpoint_step"] == results["best_epoch"] + 1
+  assert manifest["selected_on"] == {"split": "valid", "metric": "recall@20", "value": results["valid"]["recall@20"]}
+  assert manifest["shapes"]["user_emb"] == [60, 8] and manifest["config"]["model"]["name"] == "alignrec"
+  import hashlib
+  for name in export.FILES:
+    assert manifest["sha256"][name] == hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest()
+  data, train = _train_sets(config)
+  # The exported vectors are those evaluation scored: every metric of results.json comes back from them.
+  for split in ("valid", "test"):
+    again = ranking.evaluate(user_emb, item_emb, ranking.make_eval_split(data, split), topk=(5, 10, 20))
+    assert again == results[split]
+  # recall@20 from the file alone equals results.json's, and no user is recommended a train item.
+  test_split = ranking.make_eval_split(data, "test")
+  assert round(export.recall_from_topk(os.path.join(out, "topk.tsv"), test_split, 20), 4) == \
+      results["test"]["recall@20"]
+  users, ranks, items, scores = _read_topk(os.path.join(out, "topk.tsv"))
+  assert not {(u, i) for u, i in zip(users, items)} & train
+  assert sorted(set(users)) == list(range(60)) and np.all(np.bincount(users) == 20)
+  np.testing.assert_allclose(scores, np.sum(user_emb[users] * item_emb[items], 1), rtol=1e-5, atol=1e-6)
+  for u in (0, 17):  # ranks 1..20, scores descending
+    assert list(ranks[users == u]) == list(range(1, 21)) and np.all(np.diff(scores[users == u]) <= 0)
+
+
+def test_a_user_with_fewer_unseen_items_than_k_gets_only_unseen_items(tmp_path):
+  config, workdir, _ = _train(tmp_path, epochs=1, k=40, users="test")
+  cli.run(config, workdir)
+  data, train = _train_sets(config)
+  users, _, items, _ = _read_topk(os.path.join(workdir, "export", "topk.tsv"))
+  assert not {(u, i) for u, i in zip(users, items)} & train
+  # 40 items, 7 train items per user: exactly the 33 others, each once
+  for u in np.unique(users):
+    assert sorted(items[users == u]) == sorted(set(range(40)) - {i for v, i in train if v == u})
+
+
+def test_export_of_a_resumed_run_equals_export_of_an_uninterrupted_one(tmp_path):
+  # Every checkpoint kept: whether the best one survives a resume is the checkpointer's concern (train/state.py).
+  config, resumed, _ = _train(tmp_path, "resumed", epochs=2, keep_checkpoints=4)
+  config, resumed, _ = _train(tmp_path, "resumed", epochs=4, keep_checkpoints=4)
+  cli.run(config, resumed)
+  config, whole, _ = _train(tmp_path, "whole", epochs=4, keep_checkpoints=4)
+  cli.run(config, whole)
+  a, b = (json.loads(open(os.path.join(w, "export", "manifest.json"), encoding="utf-8").read())
+          for w in (resumed, whole))
+  assert a["sha256"] == b["sha256"] and a["best_epoch"] == b["best_epoch"]
+
+
+@pytest.mark.parametrize("model", [m for m in registered() if m != "alignrec"])
+def test_every_baseline_exports_the_vectors_its_evaluation_scored(tmp_path, model):
+  config, workdir, results = _train(tmp_path, epochs=2, model=model, k=20, users="test")
+  cli.run(config, workdir)
+  data, _ = _train_sets(config)
+  test_split = ranking.make_eval_split(data, "test")
+  out = os.path.join(workdir, "export")
+  user_emb, item_emb = np.load(os.path.join(out, "user_emb.npy")), np.load(os.path.join(out, "item_emb.npy"))
+  assert ranking.evaluate(user_emb, item_emb, test_split, topk=(5, 10, 20)) == results["test"]
+  assert round(export.recall_from_topk(os.path.join(out, "topk.tsv"), test_split, 20), 4) == \
+      results["test"]["recall@20"]
+
+
+def test_load_run_recommends_as_the_export_ranks_and_finds_similar_items(tmp_path):
+  config, workdir, _ = _train(tmp_path, epochs=2, k=10, users="all")
+  with open(tmp_path / "data" / "items.tsv", "w", encoding="utf-8") as f:  # the default item table
+    f.write("itemID\ttext\timage\n" + "".join(f"{i}\titem number {i}\tnone.png\n" for i in range(40)))
+  from_checkpoint = export.load_run(workdir)  # no export/ yet: restored from the best checkpoint
+  cli.run(config, workdir)
+  run = export.load_run(workdir)
+  np.testing.assert_array_equal(run.item_emb, from_checkpoint.item_emb)
+  np.testing.assert_array_equal(run.user_emb, from_checkpoint.user_emb)
+
+  users, _, items, scores = _read_topk(os.path.join(workdir, "export", "topk.tsv"))
+  ids, got = run.recommend([3, 11], k=10)
+  assert ids.shape == (2, 10)
+  np.testing.assert_array_equal(ids[1], items[users == 11])
+  np.testing.assert_allclose(got[0], scores[users == 3], rtol=1e-6)
+  one, _ = run.recommend(3, k=4)
+  np.testing.assert_array_equal(one, ids[0, :4])
+  seen = set(run.train_items(3).tolist())
+  assert len(seen) == 7 and not seen & set(ids[0].tolist())
+  # exclude_seen=False ranks every item, train items included, by the plain dot product (float64 reference)
+  everything, _ = run.recommend(3, k=40, exclude_seen=False)
+  reference = np.argsort(-(run.user_emb[3].astype(np.float64) @ run.item_emb.T.astype(np.float64)), kind="stable")
+  assert sorted(everything.tolist()) == list(range(40)) and everything[0] == reference[0]
+  # fewer unseen items than k: the tail is -1 / -inf
+  short, short_scores = run.recommend(3, k=40)
+  assert np.all(short[33:] == -1) and np.all(np.isinf(short_scores[33:])) and not seen & set(short[:33].tolist())
+
+  similar, cos = run.similar_items(5, k=5)
+  unit = run.item_emb.astype(np.float64) / np.linalg.norm(run.item_emb.astype(np.float64), axis=1, keepdims=True)
+  expected = unit @ unit[5]
+  expected[5] = -np.inf
+  assert 5 not in similar.tolist()
+  np.testing.assert_array_equal(similar, np.argsort(-expected, kind="stable")[:5])
+  np.testing.assert_allclose(cos, expected[similar], rtol=1e-5)
+  assert run.item_text(7) == "item number 7"
+
+  with pytest.raises(export.RunError, match=r"unknown user id 60: this run's user ids are 0\.\.59"):
+    run.recommend([1, 60])
+  with pytest.raises(export.RunError, match=r"unknown item id -1"):
+    run.similar_items(-1)
+  with pytest.raises(export.RunError, match="k=0 must be a positive integer"):
+    run.recommend(1, k=0)
+
+
+def test_a_workdir_without_a_finished_run_is_a_one_line_error(tmp_path):
+  with pytest.raises(export.RunError, match="workdir not found"):
+    export.load_run(str(tmp_path / "nowhere"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(export.RunError, match="holds no finished stage-2 run .*results.json is missing"):
+    export.load_run(str(tmp_path / "empty"))
+  config = tiny_config(write_dataset(tmp_path / "data"))
+  config.stage = "export"
+  with pytest.raises(export.RunError, match="holds no finished stage-2 run"):
+    cli.run(config, str(tmp_path / "empty"))
+  assert not os.path.exists(tmp_path / "empty" / "export")
+
+
+def _recommend_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-m", "alignrec_jax.recommend", *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_recommend_cli_prints_a_ranked_list_with_item_text_and_fails_in_one_line(tmp_path):
+  config, workdir, _ = _train(tmp_path, epochs=1, k=10)
+  with open(tmp_path / "data" / "names.tsv", "w", encoding="utf-8") as f:
+    f.write("itemID\tname\n" + "".join(f"{i}\tartist {i}\n" for i in range(40)))
+  config.export.item_table, config.export.item_text = "names.tsv", "name"
+  cli.run(config, workdir)  # writes config.json with the item table: the CLI reads the workdir's config
+  ok = _recommend_cli(f"--workdir={workdir}", "--user=3", "--k=5")
+  assert ok.returncode == 0, ok.stderr
+  lines = ok.stdout.strip().splitlines()
+  assert lines[0].startswith("Top 5 for user 3 (its 7 train items left out)") and len(lines) == 2 + 5
+  ids, _ = export.load_run(workdir).recommend(3, k=5)
+  for line, item in zip(lines[2:], ids):
+    assert line.split()[1] == str(item) and line.endswith(f"artist {item}")
+  bad = _recommend_cli(f"--workdir={workdir}", "--user=999")
+  assert bad.returncode == 1 and bad.stderr.strip() == "error: unknown user id 999: this run's user ids are 0..59"
+  missing = _recommend_cli(f"--workdir={tmp_path / 'nowhere'}", "--user=1")
+  assert missing.returncode == 1 and "Traceback" not in missing.stderr
+  assert missing.stderr.strip().startswith("error: workdir not found")
