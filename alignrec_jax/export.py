@@ -121,10 +121,21 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
     inputs = model.inputs_after_init(inputs)
   # The trainer's optimiser (train/recommend.py): its state's structure is part of every checkpoint.
   opt_state = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr)).init(params)
+  directory = os.path.join(workdir, "checkpoints")
   try:
-    params, meta = state_lib.restore_best_params(os.path.join(workdir, "checkpoints"), params, opt_state)
+    restored, meta = state_lib.restore_best_params(directory, params, opt_state)
   except FileNotFoundError as e:
     raise RunError(str(e)) from None
+  except ValueError as e:  # a checkpoint of another model or config
+    raise RunError(f"{e} (export with the config the run was trained with)") from None
+  # orbax restores the saved shapes whatever the target's: a different config must not pass unnoticed.
+  expected = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  for path, value in jax.tree_util.tree_leaves_with_path(restored):
+    if expected.get(jax.tree_util.keystr(path)) != np.shape(value):
+      raise RunError(f"the best checkpoint in {directory} cannot be restored into model {config.model.name!r}: "
+                     f"parameter {jax.tree_util.keystr(path)} has shape {np.shape(value)}, this config's "
+                     f"{expected.get(jax.tree_util.keystr(path))} (export with the config the run was trained with)")
+  params = restored
   devices = parallel.local_devices(config.train.num_devices)
   representations = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
   user_emb, item_emb = parallel.get_replicated(
@@ -374,8 +385,8 @@ class Run:
     return min(int(k), limit)
 
 
-def _exported_vectors(workdir: str, results: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
-  """The vectors of export/ when it was written from the same best epoch as results.json, else None."""
+def _exported(workdir: str, results: dict) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
+  """(user_emb, item_emb, config) of export/ when it was written from results.json's best epoch, else None."""
   directory = os.path.join(workdir, EXPORT_DIR)
   try:
     with open(os.path.join(directory, "manifest.json"), "r", encoding="utf-8") as f:
@@ -388,23 +399,26 @@ def _exported_vectors(workdir: str, results: dict) -> Optional[tuple[np.ndarray,
     return None
   if [list(user_emb.shape), list(item_emb.shape)] != [manifest["shapes"]["user_emb"], manifest["shapes"]["item_emb"]]:
     return None
-  return user_emb, item_emb
+  return user_emb, item_emb, manifest["config"]
 
 
 def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """A finished stage-2 run of `workdir` for recommending from Python.
 
-  The vectors come from `<workdir>/export/` when it holds the best epoch's, else from the best checkpoint (restored
-  and computed as the export stage does). `config` defaults to the workdir's config.json.
+  The vectors come from `<workdir>/export/` when it holds the best epoch's (then `config` defaults to the one the
+  export ran with, in its manifest), else from the best checkpoint, restored and computed as the export stage does
+  (`config` defaults to the workdir's config.json).
   """
   workdir = os.path.expanduser(workdir)
   results = finished_results(workdir)
-  config = config if config is not None else read_config(workdir)
-  exported = _exported_vectors(workdir, results)
+  exported = _exported(workdir, results)
   if exported is not None:
+    user_emb, item_emb, exported_config = exported
+    if config is None:
+      config = ml_collections.ConfigDict(_to_tuples(exported_config))
     data = mmrec.load_dataset(_interactions_only(config))
-    user_emb, item_emb = exported
   else:
+    config = config if config is not None else read_config(workdir)
     data = mmrec.load_dataset(config.data)
     user_emb, item_emb, _ = best_vectors(config, workdir, data)
     data = dataclasses.replace(data, features={})

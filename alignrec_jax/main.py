@@ -78,6 +78,11 @@ def run(config, workdir: str) -> dict:
   """Runs `config.stage` in `workdir` and returns the results dict (also in <workdir>/results.json)."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
+  if config.stage == "export":  # reads a finished run, writes only <workdir>/export/ (config.json stays the run's)
+    _initialise_jax(config)
+    from alignrec_jax import export
+    export.run(config, workdir)
+    return {}
   os.makedirs(workdir, exist_ok=True)
   _initialise_jax(config)
   import jax
@@ -98,10 +103,6 @@ def run(config, workdir: str) -> dict:
   if config.stage == "probe":
     from alignrec_jax.eval import probes
     return probes.run(config, workdir)
-  if config.stage == "export":
-    from alignrec_jax import export
-    export.run(config, workdir)
-    return {}
   from alignrec_jax.train import recommend
   return recommend.run(config, workdir)
 

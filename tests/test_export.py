@@ -102,6 +102,11 @@ def test_a_user_with_fewer_unseen_items_than_k_gets_only_unseen_items(tmp_path):
   # 40 items, 7 train items per user: exactly the 33 others, each once
   for u in np.unique(users):
     assert sorted(items[users == u]) == sorted(set(range(40)) - {i for v, i in train if v == u})
+  config.model.embedding_size = 16  # not the trained model: a clear error, the export in place untouched
+  before = open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read()
+  with pytest.raises(export.RunError, match="cannot be restored.*export with the config the run was trained with"):
+    cli.run(config, workdir)
+  assert open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read() == before
 
 
 def test_export_of_a_resumed_run_equals_export_of_an_uninterrupted_one(tmp_path):
@@ -183,7 +188,9 @@ def test_a_workdir_without_a_finished_run_is_a_one_line_error(tmp_path):
   config.stage = "export"
   with pytest.raises(export.RunError, match="holds no finished stage-2 run"):
     cli.run(config, str(tmp_path / "empty"))
-  assert not os.path.exists(tmp_path / "empty" / "export")
+  with pytest.raises(export.RunError, match="workdir not found"):
+    cli.run(config, str(tmp_path / "nowhere"))
+  assert os.listdir(tmp_path / "empty") == [] and not os.path.exists(tmp_path / "nowhere")  # nothing written
 
 
 def _recommend_cli(*args):
@@ -197,7 +204,7 @@ def test_recommend_cli_prints_a_ranked_list_with_item_text_and_fails_in_one_line
   with open(tmp_path / "data" / "names.tsv", "w", encoding="utf-8") as f:
     f.write("itemID\tname\n" + "".join(f"{i}\tartist {i}\n" for i in range(40)))
   config.export.item_table, config.export.item_text = "names.tsv", "name"
-  cli.run(config, workdir)  # writes config.json with the item table: the CLI reads the workdir's config
+  cli.run(config, workdir)  # the export's config (in its manifest) names the item table
   ok = _recommend_cli(f"--workdir={workdir}", "--user=3", "--k=5")
   assert ok.returncode == 0, ok.stderr
   lines = ok.stdout.strip().splitlines()
@@ -210,3 +217,8 @@ def test_recommend_cli_prints_a_ranked_list_with_item_text_and_fails_in_one_line
   missing = _recommend_cli(f"--workdir={tmp_path / 'nowhere'}", "--user=1")
   assert missing.returncode == 1 and "Traceback" not in missing.stderr
   assert missing.stderr.strip().startswith("error: workdir not found")
+  stage = subprocess.run([sys.executable, "-m", "alignrec_jax.main", "--config=tests/train/tiny_config.py",
+                          f"--workdir={tmp_path / 'nowhere'}", "--config.stage=export"], cwd=REPO_ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert stage.returncode == 1 and "Traceback" not in stage.stderr
+  assert stage.stderr.strip().splitlines()[-1] == f"error: workdir not found: {tmp_path / 'nowhere'}"
