@@ -18,6 +18,7 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import registered
 from tests.conftest import REPO_ROOT
+from tests.conftest import shared_data_dir
 from tests.train.test_recommend import tiny_config
 from tests.train.test_recommend import write_dataset
 
@@ -222,3 +223,34 @@ def test_recommend_cli_prints_a_ranked_list_with_item_text_and_fails_in_one_line
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
   assert stage.returncode == 1 and "Traceback" not in stage.stderr
   assert stage.stderr.strip().splitlines()[-1] == f"error: workdir not found: {tmp_path / 'nowhere'}"
+
+
+def test_lfm2k_export_reproduces_test_recall_and_names_ten_artists(tmp_path):
+  """The real data: one epoch of configs/lfm2k.py, exported; the CLI's list is ten artist names of item_map.tsv."""
+  root = shared_data_dir("lfm2k")
+  from configs import lfm2k
+  config = lfm2k.get_config()
+  config.data.root = root
+  config.train.epochs = 1
+  config.train.num_devices = 1
+  workdir = str(tmp_path / "lfm2k")
+  results = cli.run(config, workdir)
+  config.stage = "export"
+  cli.run(config, workdir)
+  data = mmrec.load_dataset(config.data)
+  topk = os.path.join(workdir, "export", "topk.tsv")
+  assert round(export.recall_from_topk(topk, ranking.make_eval_split(data, "test"), 20), 4) == \
+      results["test"]["recall@20"]
+  shown = _recommend_cli(f"--workdir={workdir}", "--user=0", "--k=10")
+  assert shown.returncode == 0, shown.stderr
+  lines = shown.stdout.strip().splitlines()[2:]
+  names = {}
+  with open(os.path.join(root, "item_map.tsv"), encoding="utf-8") as f:
+    next(f)
+    for line in f:
+      fields = line.rstrip("\n").split("\t")
+      names[int(fields[0])] = fields[2]
+  assert len(lines) == 10
+  for line in lines:
+    item = int(line.split()[1])
+    assert names[item] and line.endswith(" ".join(names[item].split()))
