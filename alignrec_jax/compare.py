@@ -132,6 +132,7 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
   for other in registered():  # another model's own section (config.model.<name>) cannot change this run
     if other != model_name:
       settings.get("model", {}).pop(other, None)
+  settings.pop("export", None)  # read only by the export stage, after training
   identity = json.loads(json.dumps({"model": model_name, "seed": int(seed), "overrides": overrides,
                                     "config": settings}))
   id_path = os.path.join(workdir, "compare_run.json")

@@ -97,6 +97,8 @@ def test_compare_two_models_two_seeds(tmp_path):
   other.model.lightgcn.reg_weight = 0.5
   reused = compare.compare(other, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"]
   assert reused == result["models"]["bprmf"]["runs"]["5"]
+  other.export.k = 7  # nor do the export stage's settings
+  assert compare.compare(other, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"] == reused
   # A config changed since (same model, seed and overrides) is a different run too, and the error names the key.
   changed = copy.deepcopy(config)
   changed.model.bprmf.reg_weight = 0.5
