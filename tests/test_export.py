@@ -4,6 +4,7 @@ exports what an uninterrupted one does, the Python API and the recommend CLI (on
 Runs train on the tiny synthetic dataset of tests/train/test_recommend.py in tmp_path.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -74,7 +75,6 @@ def test_export_writes_the_best_epochs_vectors_and_top_k_that_reproduce_the_test
   assert manifest["best_epoch"] == results["best_epoch"] and manifest["checkpoint_step"] == results["best_epoch"] + 1
   assert manifest["selected_on"] == {"split": "valid", "metric": "recall@20", "value": results["valid"]["recall@20"]}
   assert manifest["shapes"]["user_emb"] == [60, 8] and manifest["config"]["model"]["name"] == "alignrec"
-  import hashlib
   for name in export.FILES:
     assert manifest["sha256"][name] == hashlib.sha256(open(os.path.join(out, name), "rb").read()).hexdigest()
   data, train = _train_sets(config)
