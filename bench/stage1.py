@@ -27,17 +27,22 @@ _BASE_BATCH = flags.DEFINE_integer("base_batch", 4, "global batch of the base st
 _VOCAB = flags.DEFINE_integer("vocab", 2000, "vocabulary size")
 
 
+def _tokenizer(vocab):
+  """A sentencepiece tokenizer of exactly `vocab` ids (pieces w0, w1, ... behind the fairseq special tokens)."""
+  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
+  return content.Tokenizer.from_pieces([f"\u2581w{i}" for i in range(vocab - 5)])  # + <unk> <s> </s> <pad> <mask>
+
+
 def _bench_train(config, vocab, steps, devices):
   """(items/s, s/step, n_params) of `steps` pmapped ICA train steps."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
   from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
   from alignrec_jax.train import pretrain  # pylint: disable=g-import-not-at-top
   pre = config.pretrain
-  tokenizer = content.Tokenizer(content.SPECIAL_TOKENS + tuple(f"w{i}" for i in range(vocab - 5)))
-  model = mmenc.make_mmenc(pre, len(tokenizer))
+  tokenizer = _tokenizer(vocab)
+  model = mmenc.make_mmenc(pre, len(tokenizer), tokenizer.pad_id)
   tx = pretrain.make_optimizer(pre, 1000)
   params = pretrain.init_params(model, jax.random.key(0))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -48,7 +53,8 @@ def _bench_train(config, vocab, steps, devices):
   state = jax_utils.replicate((params, tx.init(params)), devices)
   rng = np.random.default_rng(0)
   per = pre.batch_size // n_dev
-  tokens = rng.integers(5, vocab, (n_dev, per, pre.max_text_len)).astype(np.int32)
+  pieces = (tokenizer.unk_id + 1, tokenizer.mask_id)  # the ids of ordinary pieces
+  tokens = rng.integers(*pieces, (n_dev, per, pre.max_text_len)).astype(np.int32)
   tokens[..., 0], tokens[..., -1] = tokenizer.cls_id, tokenizer.sep_id
   batch = {"image": rng.integers(0, 256, (n_dev, per, pre.image_size, pre.image_size, 3), dtype=np.uint8),
            "tokens": tokens}
@@ -66,7 +72,6 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
   from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
   from alignrec_jax.train import pretrain  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
@@ -81,13 +86,13 @@ def main(argv):
 
   # extraction: all three variants of 1024 items (the jitted batch compiles once on the first call)
   pre = config.pretrain
-  tokenizer = content.Tokenizer(content.SPECIAL_TOKENS + tuple(f"w{i}" for i in range(_VOCAB.value - 5)))
-  model = mmenc.make_mmenc(pre, len(tokenizer))
+  tokenizer = _tokenizer(_VOCAB.value)
+  model = mmenc.make_mmenc(pre, len(tokenizer), tokenizer.pad_id)
   params = pretrain.init_params(model, jax.random.key(0))
   rng = np.random.default_rng(1)
   n = 1024
   images = rng.integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
-  tokens = rng.integers(5, _VOCAB.value, (n, pre.max_text_len)).astype(np.int32)
+  tokens = rng.integers(tokenizer.unk_id + 1, tokenizer.mask_id, (n, pre.max_text_len)).astype(np.int32)
   pretrain.extract_features(model, params, images[:pre.extract_batch_size], tokens[:pre.extract_batch_size], tokenizer,
                             pre.extract_batch_size)  # compile
   start = time.perf_counter()

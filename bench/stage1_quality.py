@@ -15,7 +15,7 @@ Item-CF (decisions.md: ItemKNNCBF over the full table, `config.probe.item_cf_k` 
 Each table is also scored with its column mean removed ("centred"): cosine ranking rewards a table whose rows share
 one direction differently from one whose rows are spread out, and pre-training changes exactly that (ITC spreads the
 [CLS] rows), so the raw comparison alone can mislead. For scale, the same two scores of the encoder's own text input
-as a bag of words (multi-hot over the tokenizer's vocabulary, special tokens left out): what the text alone carries.
+as a bag of words (multi-hot over the tokenizer's pieces, special tokens left out): what the text alone carries.
 """
 
 import json
@@ -52,14 +52,14 @@ def centred(features):
   return features - features.mean(axis=0, keepdims=True)
 
 
-def bag_of_words(tokens, n_special: int):
-  """Multi-hot [n_items, vocab] of the token ids of each item's text, the special ids (< n_special) left out."""
+def bag_of_words(tokens, special_ids):
+  """Multi-hot [n_items, vocab] of the token ids of each item's text, the tokenizer's `special_ids` left out."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  vocab = int(tokens.max()) + 1
+  vocab = max(int(tokens.max()), *special_ids) + 1
   out = np.zeros((len(tokens), vocab), np.float32)
   rows = np.repeat(np.arange(len(tokens)), tokens.shape[1])
   out[rows, tokens.reshape(-1)] = 1.0
-  out[:, :n_special] = 0.0
+  out[:, list(special_ids)] = 0.0
   return out
 
 
@@ -67,7 +67,6 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from alignrec_jax.data import mmrec  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
   from alignrec_jax.eval import probes, ranking  # pylint: disable=g-import-not-at-top
   from alignrec_jax.train import bridge, pretrain  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
@@ -90,8 +89,8 @@ def main(argv):
     splits = {split: ranking.make_eval_split(data, split) for split in ("valid", "test")}  # once per dataset load
     tables[name] = {v: bridge.load_feature_table(workdir, data.n_items, v) for v in bridge.VARIANTS}
     if name == "random":  # the text as a bag of words: the same items and tokenizer in both runs
-      _, items = pretrain._load_items(run, workdir)  # pylint: disable=protected-access
-      tables["bow"] = {"full": bag_of_words(items["tokens"], len(content.SPECIAL_TOKENS))}
+      tokenizer, items = pretrain._load_items(run, workdir)  # pylint: disable=protected-access
+      tables["bow"] = {"full": bag_of_words(items["tokens"], tokenizer.special_ids)}
     for table_name in [name] + (["bow"] if name == "random" else []):
       for variant, table in tables[table_name].items():
         for form, feats in (("", table), ("_centred", centred(table))):

@@ -28,6 +28,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
   data.synthetic = False        # generate the embedded default dataset into root
   data.items_file = "items.tsv"  # raw content table (stage 1)
+  data.tokenizer = ""           # stage-1 sentencepiece model (.spm, e.g. BEiT-3's beit3.spm); "" = trained on the texts
 
   # ---------------------------------------------------------------- stage-2 model (AlignRec, spec §5)
   config.model = model = ml_collections.ConfigDict()
@@ -91,8 +92,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.image_size = 32
   pre.patch_size = 8
   pre.max_text_len = 32
-  pre.vocab_size = 2000         # upper bound; the tokenizer is built from the data
-  pre.min_token_count = 1
+  pre.vocab_size = 2000         # upper bound on the ids of the tokenizer trained when data.tokenizer is ""
   pre.text_mask_ratio = 0.5
   pre.image_mask_ratio = 0.4
   pre.mlm_weight = 1.0

@@ -54,7 +54,7 @@ def get_config():
   pre.size = "tiny"
   pre.image_size = 32
   pre.patch_size = 8
-  pre.max_text_len = 20       # "Title (year). Genres: ..." is at most 17 words + [CLS]/[SEP]
+  pre.max_text_len = 20       # "Title (year). Genres: ...": 15 pieces at the median; 17% lose their last genres
   pre.vocab_size = 4000
   pre.batch_size = 64
   pre.steps = 400

@@ -51,3 +51,20 @@ def test_missing_data_is_one_clear_line(tmp_path):
   assert proc.returncode != 0
   assert "error: interaction file not found:" in proc.stderr and "lfm2k.inter" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_missing_tokenizer_file_is_one_line_naming_the_key(tmp_path):
+  from PIL import Image
+  import numpy as np
+  os.makedirs(tmp_path / "items" / "images")
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "items" / "images" / "0.png")
+  (tmp_path / "items" / "items.tsv").write_text("itemID\ttext\timage\n0\ta red item\timages/0.png\n")
+  workdir = tmp_path / "run"
+  proc = _run_cli("--config=configs/default.py", f"--workdir={workdir}", "--config.stage=pretrain",
+                  "--config.data.synthetic=False", f"--config.data.root={tmp_path / 'items'}",
+                  f"--config.data.tokenizer={tmp_path / 'beit3.spm'}")
+  assert proc.returncode == 1
+  assert (f"error: config.data.tokenizer={tmp_path / 'beit3.spm'}: sentencepiece tokenizer file not found"
+          in proc.stderr.splitlines())
+  assert "Traceback" not in proc.stderr
+  assert not (workdir / "tokenizer.spm").exists() and not (workdir / "tfds").exists()

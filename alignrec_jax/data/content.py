@@ -4,9 +4,12 @@ The table `items.tsv` is tab-separated with a header naming at least `itemID`, `
 to the table); other columns are ignored. Item ids must be dense `0..n_items-1` (row i of every feature table is
 itemID i), each once. Every problem raises `DataError` naming the file and line.
 
-Text is tokenised offline and deterministically by `Tokenizer`: lower-cased, split into words and single
-punctuation marks, vocabulary built from the corpus (most frequent first, ties alphabetical) behind the special
-tokens. The vocabulary is saved as JSON with the run so that extraction and later runs reuse the same ids.
+Text is tokenised by one `Tokenizer`: a sentencepiece model read through fairseq's ids, as BEiT-3 reads its
+`beit3.spm` (XLM-R's convention, transformers' XLMRobertaTokenizer): `<s>` = 0, `<pad>` = 1, `</s>` = 2, `<unk>` = 3,
+a piece of sentencepiece id k >= 3 gets id k + 1, `<mask>` is the last id. A text is `<s> pieces... </s>` then pads.
+`config.data.tokenizer` names a `.spm` file (BEiT-3's, to start from its weights); without one, a unigram model of at
+most `config.pretrain.vocab_size` ids is trained on the item texts, deterministically. Either way the model is
+saved in the workdir as `tokenizer.spm`, so that resumed runs and extraction use exactly the same ids.
 
 `ItemContent` is a `tfds.core.GeneratorBasedBuilder` writing one split `items` in array_record format; it is read
 with `builder.as_data_source()` (random access, no TensorFlow). Examples, in item-id order:
@@ -16,9 +19,8 @@ with `builder.as_data_source()` (random access, no TensorFlow). Examples, in ite
 import collections
 import dataclasses
 import hashlib
-import json
+import io
 import os
-import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -27,9 +29,11 @@ from PIL import Image
 
 from alignrec_jax.data.mmrec import DataError
 
-PAD, CLS, SEP, MASK, UNK = "[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"
-SPECIAL_TOKENS = (PAD, CLS, SEP, MASK, UNK)  # ids 0..4, [PAD] = 0
-_WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+FAIRSEQ_IDS = {BOS: 0, PAD: 1, EOS: 2, UNK: 3}  # fixed; <mask> follows the pieces
+FAIRSEQ_OFFSET = 1  # id = sentencepiece id + 1 for every piece
+TOKENIZER_FILE = "tokenizer.spm"  # the run's tokenizer, in the workdir
+_TRAIN_SEED = 0
 _REQUIRED_COLUMNS = ("itemID", "text", "image")
 
 
@@ -115,72 +119,135 @@ def load_image(path: str, size: int, where: str = "") -> np.ndarray:
     raise DataError(f"{where or path}: cannot decode image {path} ({type(e).__name__}: {e})") from None
 
 
-def split_words(text: str) -> list:
-  """Lower-cased words and single punctuation marks, the tokenizer's units."""
-  return _WORD_RE.findall(text.lower())
+def _sentencepiece():
+  import sentencepiece  # pylint: disable=g-import-not-at-top  (stage 1 only)
+  return sentencepiece
 
 
 class Tokenizer:
-  """Deterministic word-level tokenizer with a vocabulary built from a corpus. `[PAD]` is id 0."""
+  """A sentencepiece model with fairseq's (XLM-R's, BEiT-3's) ids; see the module docstring.
 
-  def __init__(self, vocab: Sequence[str]):
-    vocab = list(vocab)
-    if tuple(vocab[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-      raise ValueError(f"a vocabulary must start with the special tokens {SPECIAL_TOKENS}, got {vocab[:5]}")
-    if len(set(vocab)) != len(vocab):
-      raise ValueError("the vocabulary has duplicate entries")
-    self.vocab = tuple(vocab)
-    self._ids = {w: i for i, w in enumerate(vocab)}
-    self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id = range(len(SPECIAL_TOKENS))
+  `<s>` = 0 (`cls_id`), `<pad>` = 1, `</s>` = 2 (`sep_id`), `<unk>` = 3, a piece of sentencepiece id k >= 3 is
+  k + 1 (`FAIRSEQ_OFFSET`), `<mask>` = the last id (transformers' XLMRobertaTokenizer, which unilm's beit3 uses).
+  The sentencepiece model must have `<unk>` at its id 0 (and, as XLM-R's and the trained default, its own
+  `<s>`/`</s>` controls at 1/2, which encoding never produces). `len()` counts the ids: 64,002 for BEiT-3's
+  beit3.spm, whose checkpoints' text embedding has 64,010 rows (the last 8 unused, per unilm's maintainers), so an
+  encoder loaded from such a checkpoint takes its vocabulary size from the checkpoint.
+  """
+
+  def __init__(self, model_proto: bytes, where: str = "tokenizer"):
+    sp = _sentencepiece().SentencePieceProcessor()
+    try:
+      sp.LoadFromSerializedProto(bytes(model_proto))
+    except (RuntimeError, OSError, TypeError) as e:
+      raise DataError(f"{where}: not a sentencepiece model ({type(e).__name__}: {e})") from None
+    if sp.unk_id() != 0:
+      raise DataError(f"{where}: the sentencepiece model has <unk> at id {sp.unk_id()}, the fairseq id mapping "
+                      "needs it at id 0 (as XLM-R's and BEiT-3's beit3.spm)")
+    self._sp, self.model_proto = sp, bytes(model_proto)
+    self.cls_id, self.pad_id, self.sep_id, self.unk_id = (FAIRSEQ_IDS[t] for t in (BOS, PAD, EOS, UNK))
+    self.mask_id = sp.get_piece_size() + FAIRSEQ_OFFSET
+    self.special_ids = (self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id)
 
   @classmethod
-  def build(cls, texts: Iterable[str], vocab_size: int, min_count: int = 1) -> "Tokenizer":
-    """Vocabulary = special tokens + words by frequency (ties alphabetical), at most `vocab_size` entries."""
-    if vocab_size <= len(SPECIAL_TOKENS):
-      raise ValueError(f"config.pretrain.vocab_size={vocab_size} must exceed the {len(SPECIAL_TOKENS)} special "
+  def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+    """A unigram sentencepiece model of the texts with at most `vocab_size` ids in all (pieces + `<pad>`, `<mask>`).
+
+    Deterministic: one thread, every text used in order (no sampling), a fixed seed; the same texts give the same
+    model byte for byte. Every character of the texts gets a piece (character coverage 1).
+    """
+    spm = _sentencepiece()
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+      raise DataError("the item texts are all empty: nothing to train the tokenizer on")
+    n_pieces = vocab_size - FAIRSEQ_OFFSET - 1  # sentencepiece's own <unk>/<s>/</s> included, <pad>/<mask> not
+    if n_pieces <= 3:
+      raise DataError(f"config.pretrain.vocab_size={vocab_size} leaves no room for pieces beside the special "
                        "tokens")
-    counts = collections.Counter(w for t in texts for w in split_words(t))
-    words = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
-                   key=lambda w: (-counts[w], w))
-    return cls(SPECIAL_TOKENS + tuple(words[:vocab_size - len(SPECIAL_TOKENS)]))
+    model = io.BytesIO()
+    spm.set_random_generator_seed(_TRAIN_SEED)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_writer=model, model_type="unigram", vocab_size=n_pieces,
+          hard_vocab_limit=False, character_coverage=1.0, num_threads=1, input_sentence_size=0,
+          shuffle_input_sentence=False, max_sentence_length=1 << 16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+          minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces allowed than the texts have distinct characters
+      raise DataError(f"config.pretrain.vocab_size={vocab_size}: cannot train the tokenizer on the item texts "
+                      f"({e})") from None
+    return cls(model.getvalue(), where="trained tokenizer")
 
   def __len__(self) -> int:
-    return len(self.vocab)
+    return self.mask_id + 1
 
   def encode(self, text: str, max_len: int) -> np.ndarray:
-    """int32 `[max_len]`: [CLS] words... [SEP] then [PAD]s; words beyond `max_len - 2` are dropped."""
+    """int32 `[max_len]`: `<s>` pieces... `</s>` then `<pad>`s; pieces beyond `max_len - 2` are dropped."""
     if max_len < 3:
-      raise ValueError(f"config.pretrain.max_text_len={max_len} must be >= 3 ([CLS], one word, [SEP])")
-    ids = [self._ids.get(w, self.unk_id) for w in split_words(text)][:max_len - 2]
+      raise ValueError(f"config.pretrain.max_text_len={max_len} must be >= 3 (<s>, one piece, </s>)")
+    ids = [k + FAIRSEQ_OFFSET if k else self.unk_id for k in self._sp.encode(text)][:max_len - 2]
     out = np.full([max_len], self.pad_id, np.int32)
     out[:len(ids) + 2] = [self.cls_id] + ids + [self.sep_id]
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    return " ".join(self.vocab[i] for i in ids if i != self.pad_id)
+    """The text of the pieces among `ids`; `<pad>` dropped, the other special tokens written by name."""
+    names = {self.cls_id: BOS, self.sep_id: EOS, self.unk_id: UNK, self.mask_id: MASK}
+    parts, run = [], []
+    for i in (int(i) for i in ids):
+      if i == self.pad_id:
+        continue
+      if i in names or not 0 <= i < len(self):
+        parts.append(self._sp.decode(run))
+        parts.append(names.get(i, UNK))
+        run = []
+      else:
+        run.append(i - FAIRSEQ_OFFSET)
+    parts.append(self._sp.decode(run))
+    return " ".join(p.strip() for p in parts if p.strip())
 
   def fingerprint(self) -> str:
-    return hashlib.sha256("\n".join(self.vocab).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
   def save(self, path: str) -> None:
-    """Writes `{"vocab": [...]}` as JSON atomically (temp file, then rename)."""
+    """Writes the sentencepiece model (`.spm`, the format `load` and sentencepiece read) atomically."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump({"type": "word", "vocab": list(self.vocab)}, f, ensure_ascii=False)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".spm")
+    with os.fdopen(fd, "wb") as f:
+      f.write(self.model_proto)
     os.replace(tmp, path)
 
   @classmethod
-  def load(cls, path: str) -> "Tokenizer":
+  def load(cls, path: str, key: str = "") -> "Tokenizer":
+    """Reads a sentencepiece model file; errors name `key` (the config key that gave the path), if any."""
+    where = f"{key}={path}" if key else path
     try:
-      with open(path, "r", encoding="utf-8") as f:
-        data = json.load(f)
-      return cls(data["vocab"])
+      with open(path, "rb") as f:
+        proto = f.read()
     except FileNotFoundError:
-      raise DataError(f"tokenizer file not found: {path}") from None
-    except (ValueError, KeyError, TypeError) as e:
-      raise DataError(f"{path}: not a tokenizer vocabulary ({type(e).__name__}: {e})") from None
+      raise DataError(f"{where}: sentencepiece tokenizer file not found") from None
+    except OSError as e:
+      raise DataError(f"{where}: cannot read the sentencepiece tokenizer ({type(e).__name__}: {e})") from None
+    return cls(proto, where=where)
+
+  @classmethod
+  def from_pieces(cls, pieces: Sequence[str]) -> "Tokenizer":
+    """A unigram model over exactly `pieces` (equal scores; "▁" starts a word), no normalisation: a tokenizer of a
+    chosen size without training one (benchmarks)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
+    proto = pb.ModelProto()
+    kinds = pb.ModelProto.SentencePiece
+    for piece, kind in ((UNK, kinds.UNKNOWN), (BOS, kinds.CONTROL), (EOS, kinds.CONTROL)):
+      proto.pieces.add(piece=piece, score=0.0, type=kind)
+    for piece in pieces:
+      proto.pieces.add(piece=piece, score=-1.0, type=kinds.NORMAL)
+    proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    proto.normalizer_spec.escape_whitespaces = True
+    return cls(proto.SerializeToString(), where="tokenizer from pieces")
 
 
 def _tfds():
@@ -279,15 +346,32 @@ def load_all(source, batch: int = 512) -> dict:
   return out
 
 
-def prepare_content(pretrain_config, items_path: str, workdir: str) -> tuple:
-  """(tokenizer, data source) for a run: the tokenizer is built once and saved as `<workdir>/tokenizer.json`."""
-  table = read_items(items_path)
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if os.path.isfile(tok_path):
-    tokenizer = Tokenizer.load(tok_path)
+def run_tokenizer(texts: Sequence[str], workdir: str, configured: str, vocab_size: int) -> Tokenizer:
+  """The run's tokenizer, kept as `<workdir>/tokenizer.spm`: the workdir's if it has one, else `configured` (the
+  `config.data.tokenizer` path, copied there) or, without one, a model trained on `texts`."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.isfile(path) and os.path.isfile(os.path.join(workdir, "tokenizer.json")):
+    raise DataError(f"{workdir}: prepared with the word-level tokenizer of an earlier version (tokenizer.json); "
+                    "use a fresh --workdir")
+  saved = Tokenizer.load(path) if os.path.isfile(path) else None
+  if configured:
+    tokenizer = Tokenizer.load(os.path.expanduser(configured), key="config.data.tokenizer")
+    if saved is not None and saved.fingerprint() != tokenizer.fingerprint():
+      raise DataError(f"config.data.tokenizer={configured} is not the tokenizer this workdir was prepared with "
+                      f"({path}); use a fresh --workdir")
+  elif saved is not None:
+    return saved
   else:
-    tokenizer = Tokenizer.build(table.texts, pretrain_config.vocab_size, pretrain_config.min_token_count)
-    tokenizer.save(tok_path)
+    tokenizer = Tokenizer.train(texts, vocab_size)
+  if saved is None:
+    tokenizer.save(path)
+  return tokenizer
+
+
+def prepare_content(pretrain_config, items_path: str, workdir: str, tokenizer_path: str = "") -> tuple:
+  """(tokenizer, data source) for a run; the tokenizer is `run_tokenizer`'s (`<workdir>/tokenizer.spm`)."""
+  table = read_items(items_path)
+  tokenizer = run_tokenizer(table.texts, workdir, tokenizer_path, pretrain_config.vocab_size)
   source = item_content_source(table, tokenizer, pretrain_config.image_size, pretrain_config.max_text_len,
                                os.path.join(workdir, "tfds"))
   return tokenizer, source

@@ -1,7 +1,8 @@
 """ICA pre-training objective of stage 1 (decisions.md "Stage 1"): mask-then-predict on image-text pairs.
 
-- MLM: cross-entropy of the original token at every masked text position (about 50% of an item's words, at least
-  one, as BEiT-3 does for image-text pairs).
+- MLM: cross-entropy of the original token at every masked text position (about 50% of an item's text tokens, at
+  least one, as BEiT-3 does for image-text pairs). A "word" here is any text token that is not one of the
+  tokenizer's special ids (`<s>`, `<pad>`, `</s>`, `<unk>`, `<mask>`): a sentencepiece piece.
 - MIM: regression of the masked patches' targets (default: each patch's pixels normalised by the patch's own mean
   and variance, as MAE/SimMIM) on BEiT-style block-wise masked patches (about 40%). The target is pluggable: any
   `(images [B, H, W, 3], patch_size) -> [B, P, k]` function, with a matching head width.
@@ -83,7 +84,8 @@ def itc_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: float) -> j
 
 
 def word_positions(tokens: jax.Array, special_ids) -> jax.Array:
-  """`[B, L]` bool: True where `tokens` holds a word, i.e. none of `special_ids` ([PAD], [CLS], [SEP])."""
+  """`[B, L]` bool: True where `tokens` holds a piece of the text, i.e. none of `special_ids` (the tokenizer's
+  `special_ids`: `<s>`, `<pad>`, `</s>`, `<unk>`, `<mask>`)."""
   words = jnp.ones(tokens.shape, bool)
   for sid in special_ids:
     words &= tokens != sid
@@ -153,7 +155,7 @@ def image_masks(key: jax.Array, batch: int, grid: int, ratio: float) -> jax.Arra
 def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> jax.Array:
   """`[B, L]` bool: `round(ratio * n_words)` (at least one) random word positions of each text.
 
-  Positions holding any of `special_ids` ([PAD], [CLS], [SEP]) are never masked.
+  Positions holding any of `special_ids` (`word_positions`) are never masked.
   """
   eligible = word_positions(tokens, special_ids)
   n_words = eligible.sum(axis=-1)
@@ -165,7 +167,7 @@ def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> 
 def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: float, image_mask_ratio: float,
              mlm_weight: float = 1.0, mim_weight: float = 1.0, itc_weight: float = 0.0,
              itc_temperature: float = 0.07, cls_bow_weight: float = 0.0,
-             mim_target: Callable = normalized_pixel_targets, mask_id: int = 3, special_ids=(0, 1, 2),
+             mim_target: Callable = normalized_pixel_targets, mask_id: int, special_ids,
              deterministic: bool = False) -> tuple[jax.Array, dict]:
   """The ICA objective of one batch.
 
@@ -173,6 +175,7 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
     model: an `MMEnc`; params: its parameters.
     batch: {"image": uint8 [B, H, W, 3], "tokens": int32 [B, L]}.
     key: RNG key for the masks and dropout.
+    mask_id, special_ids: the tokenizer's `mask_id` and `special_ids` (never masked, never a bag-of-words target).
   Returns:
     (loss, metrics) with metrics {"loss", "mlm", "mim", "mlm_acc", "itc", "bow"} scalars.
   """

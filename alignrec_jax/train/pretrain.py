@@ -1,7 +1,8 @@
 """Stage 1: ICA pre-training of MMEnc on the items' images and texts, and extraction of the item feature table.
 
 `pretrain(config, workdir)`:
-  items.tsv -> tokenizer (`<workdir>/tokenizer.json`, built once) -> tfds array_record dataset (`<workdir>/tfds/`)
+  items.tsv -> tokenizer (`<workdir>/tokenizer.spm`: `config.data.tokenizer`'s sentencepiece model, or one trained
+  on the item texts once; data/content.py) -> tfds array_record dataset (`<workdir>/tfds/`)
   -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss, data parallel with `pmap` over the devices
   (`config.train.num_devices`, 0 = all local ones; the global batch `pretrain.batch_size` is split across them).
   Under `jax.distributed` the pmap spans every process's devices and each process feeds its devices' rows of the
@@ -16,7 +17,8 @@
 
 `extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
   the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
-  [MASK] patch embedding) / mask_text (every word replaced by [MASK]), written by `bridge.save_feature_table`.
+  [MASK] patch embedding) / mask_text (every text token but the special ones replaced by `<mask>`), written by
+  `bridge.save_feature_table`.
   Skipped when the workdir already holds the table extracted from that checkpoint.
 """
 
@@ -61,7 +63,8 @@ def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   if config.data.get("synthetic", False):
     from alignrec_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the default data only)
     synthetic.ensure_synthetic_dataset(os.path.expanduser(config.data.root))
-  tokenizer, source = content.prepare_content(config.pretrain, items_path(config), workdir)
+  tokenizer, source = content.prepare_content(config.pretrain, items_path(config), workdir,
+                                              config.data.get("tokenizer", ""))
   return tokenizer, content.load_all(source)
 
 
@@ -83,7 +86,7 @@ def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
               mlm_weight=pre.mlm_weight, mim_weight=pre.mim_weight, itc_weight=pre.itc_weight,
               itc_temperature=pre.get("itc_temperature", 0.07), cls_bow_weight=pre.get("cls_bow_weight", 0.0),
               mim_target=ica.MIM_TARGETS[pre.mim_target],
-              mask_id=tokenizer.mask_id, special_ids=(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id))
+              mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids)
 
 
 def init_params(model: mmenc.MMEnc, key: jax.Array) -> Any:
@@ -145,7 +148,7 @@ def pretrain(config, workdir: str) -> dict:
   """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}."""
   pre = config.pretrain
   os.makedirs(workdir, exist_ok=True)
-  # Process 0 first: it writes tokenizer.json and the tfds dataset into the (shared) workdir, the others load them.
+  # Process 0 first: it writes tokenizer.spm and the tfds dataset into the (shared) workdir, the others load them.
   tokenizer, items = distributed.main_process_first(_load_items, config, workdir)
   n_items = len(items["tokens"])
   devices = parallel.train_devices(config.train.num_devices)
@@ -167,8 +170,8 @@ def pretrain(config, workdir: str) -> dict:
     if latest is not None:
       params, opt_state, meta = _restore(manager, latest, params, opt_state)
       if meta.get("tokenizer") != tokenizer.fingerprint():
-        raise ValueError(f"{manager.directory}: the checkpoint was trained with another vocabulary than "
-                         f"{workdir}/tokenizer.json; use a fresh --workdir")
+        raise ValueError(f"{manager.directory}: the checkpoint was trained with another tokenizer than "
+                         f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
       start = latest
       logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, manager.directory)
     else:
@@ -244,7 +247,7 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
 def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens: np.ndarray,
                      tokenizer: content.Tokenizer, batch_size: int) -> dict:
   """{variant: [n_items, hidden] float32} visual-[CLS] features of every item, in fixed-size jitted batches."""
-  special_ids = (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id)
+  special_ids = tokenizer.special_ids
 
   @jax.jit
   def run(params, images, tokens):
@@ -263,7 +266,8 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)  # fixed shapes: one compilation
     img = np.concatenate([images[start:stop], np.zeros((pad,) + images.shape[1:], images.dtype)])
-    tok = np.concatenate([tokens[start:stop], np.zeros((pad,) + tokens.shape[1:], tokens.dtype)])
+    tok = np.concatenate([tokens[start:stop],
+                          np.full((pad,) + tokens.shape[1:], tokenizer.pad_id, tokens.dtype)])
     result = jax.device_get(run(params, img, tok))
     for k in out:
       out[k].append(result[k][:stop - start])

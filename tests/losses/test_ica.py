@@ -9,6 +9,9 @@ import numpy as np
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 
+# the tokenizer's ids for a vocabulary of 20 (data/content.py): <s> 0, <pad> 1, </s> 2, <unk> 3, pieces, <mask> 19
+MASK_ID = 19
+SPECIAL_IDS = (0, 1, 2, 3, MASK_ID)
 
 def test_mlm_loss_counts_only_masked_positions():
   logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
@@ -64,24 +67,27 @@ def test_block_mask_is_exact_blocky_and_keyed():
 
 
 def test_text_masks_skip_specials_and_mask_at_least_one():
-  tokens = jnp.asarray([[1, 7, 8, 9, 10, 2, 0, 0], [1, 7, 2, 0, 0, 0, 0, 0], [1, 2, 0, 0, 0, 0, 0, 0]])
-  m = np.asarray(ica.text_masks(jax.random.key(0), tokens, 0.5, (0, 1, 2)))
+  # fairseq ids: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 19; pieces 4..18
+  tokens = jnp.asarray([[0, 7, 8, 9, 10, 2, 1, 1], [0, 7, 3, 2, 1, 1, 1, 1], [0, 3, 2, 1, 1, 1, 1, 1]])
+  m = np.asarray(ica.text_masks(jax.random.key(0), tokens, 0.5, SPECIAL_IDS))
   assert m[0].sum() == 2 and m[0, 1:5].sum() == 2
-  assert m[1].sum() == 1 and m[1, 1]
-  assert m[2].sum() == 0  # nothing to mask in an empty text
-  assert not m[:, 0].any() and not (m & (np.asarray(tokens) == 0)).any()
-  np.testing.assert_array_equal(m, ica.text_masks(jax.random.key(0), tokens, 0.5, (0, 1, 2)))
+  assert m[1].sum() == 1 and m[1, 1]  # <unk> is no piece to predict
+  assert m[2].sum() == 0  # nothing to mask in a text without pieces
+  assert not (m & np.isin(np.asarray(tokens), SPECIAL_IDS)).any()
+  np.testing.assert_array_equal(m, ica.text_masks(jax.random.key(0), tokens, 0.5, SPECIAL_IDS))
+  # the old word-level ids (specials 0/1/2 only) would mask the <unk> of the last text
+  assert np.asarray(ica.text_masks(jax.random.key(0), tokens, 0.5, (0, 1, 2)))[2, 1]
 
 
 def test_ica_loss_runs_and_has_gradients():
   model = mmenc.MMEnc(vocab_size=20, image_size=8, patch_size=4, max_text_len=6, layers=2, hidden=16, heads=2,
-                      mlp=32, n_vl_layers=1)
+                      mlp=32, n_vl_layers=1, pad_id=1)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)),
-           "tokens": jnp.asarray([[1, 5, 6, 7, 2, 0]] * 4, jnp.int32)}
+           "tokens": jnp.asarray([[0, 5, 6, 7, 2, 1]] * 4, jnp.int32)}
   params = model.init(jax.random.key(0), mmenc.normalize_images(batch["image"]), batch["tokens"])["params"]
   fn = lambda p: ica.ica_loss(model, p, batch, jax.random.key(1), text_mask_ratio=0.5, image_mask_ratio=0.5,
-                              itc_weight=0.5)
+                              itc_weight=0.5, mask_id=MASK_ID, special_ids=SPECIAL_IDS)
   (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params)
   np.testing.assert_allclose(loss, metrics["mlm"] + metrics["mim"] + 0.5 * metrics["itc"], rtol=1e-5)
   assert float(metrics["mlm"]) > 0 and float(metrics["mim"]) > 0 and float(metrics["itc"]) > 0
@@ -94,9 +100,9 @@ def test_bow_loss_is_the_cross_entropy_against_the_word_distribution():
   logits = jnp.log(jnp.asarray([[0.05, 0.05, 0.05, 0.05, 0.6, 0.2],
                                 [1 / 6] * 6,
                                 [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]]))
-  # specials 0/1/2 never count; text 0 holds word 4 twice and word 5 once; text 2 has no words at all
-  tokens = jnp.asarray([[1, 4, 5, 4, 2, 0], [1, 3, 2, 0, 0, 0], [1, 2, 0, 0, 0, 0]])
-  loss = ica.bow_loss(logits, tokens, special_ids=(0, 1, 2))
+  # specials 0..3 never count; text 0 holds piece 4 twice and piece 5 once; text 1 piece 5 and <unk>, text 2 no piece
+  tokens = jnp.asarray([[0, 4, 5, 4, 2, 1], [0, 5, 3, 2, 1, 1], [0, 3, 2, 1, 1, 1]])
+  loss = ica.bow_loss(logits, tokens, special_ids=(0, 1, 2, 3))
   text0 = -(2 * math.log(0.6) + math.log(0.2)) / 3
   text1 = math.log(vocab)
   np.testing.assert_allclose(loss, (text0 + text1) / 2, rtol=1e-5)  # the empty text is left out, not counted as 0
@@ -104,11 +110,11 @@ def test_bow_loss_is_the_cross_entropy_against_the_word_distribution():
 
 def test_cls_bow_term_trains_the_visual_cls_and_leaves_the_encoder_init_alone():
   kw = dict(vocab_size=20, image_size=8, patch_size=4, max_text_len=6, layers=2, hidden=16, heads=2, mlp=32,
-            n_vl_layers=1)
+            n_vl_layers=1, pad_id=1)
   model, with_head = mmenc.MMEnc(**kw), mmenc.MMEnc(**kw, cls_bow_head=True)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)),
-           "tokens": jnp.asarray([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0]] * 2, jnp.int32)}
+           "tokens": jnp.asarray([[0, 5, 6, 7, 2, 1], [0, 8, 9, 2, 1, 1]] * 2, jnp.int32)}
   x = mmenc.normalize_images(batch["image"])
   plain = model.init(jax.random.key(0), x, batch["tokens"])["params"]
   params = with_head.init(jax.random.key(0), x, batch["tokens"])["params"]
@@ -117,7 +123,7 @@ def test_cls_bow_term_trains_the_visual_cls_and_leaves_the_encoder_init_alone():
   assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), plain,
                                           {k: params[k] for k in plain})))
   fn = lambda p, w: ica.ica_loss(with_head, p, batch, jax.random.key(1), text_mask_ratio=0.5, image_mask_ratio=0.5,
-                                 cls_bow_weight=w)
+                                 cls_bow_weight=w, mask_id=MASK_ID, special_ids=SPECIAL_IDS)
   (loss, metrics), grads = jax.value_and_grad(fn, has_aux=True)(params, 2.0)
   np.testing.assert_allclose(loss, metrics["mlm"] + metrics["mim"] + 2.0 * metrics["bow"], rtol=1e-5)
   assert float(metrics["bow"]) > 0

@@ -39,7 +39,7 @@ def _config(root, steps=6):
 
 def _params(config, workdir):
   from alignrec_jax.data import content
-  tok = content.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  tok = content.Tokenizer.load(os.path.join(workdir, content.TOKENIZER_FILE))
   return pretrain_lib.load_pretrained(config, workdir, tok)
 
 
@@ -59,7 +59,7 @@ def test_pretrain_logs_and_checkpoints(straight_run):
   for key in ("loss", "mlm", "mim", "mlm_acc", "items_per_s"):
     assert np.isfinite(summary["last"][key])
   assert sorted(os.listdir(os.path.join(workdir, "pretrain"))) == ["4", "6"]
-  assert os.path.isfile(os.path.join(workdir, "tokenizer.json"))
+  assert os.path.isfile(os.path.join(workdir, "tokenizer.spm"))
   assert os.path.isfile(os.path.join(workdir, "pretrain_history.json"))
   # a rerun of a finished run does nothing
   again = pretrain_lib.pretrain(config, workdir)
@@ -102,7 +102,7 @@ def test_extract_writes_the_bridge_once(straight_run):
   # features equal a direct forward pass of the checkpoint
   model, params, _ = _params(config, workdir)
   from alignrec_jax.data import content
-  tok = content.Tokenizer.load(os.path.join(workdir, "tokenizer.json"))
+  tok = content.Tokenizer.load(os.path.join(workdir, content.TOKENIZER_FILE))
   table = content.read_items(pretrain_lib.items_path(config))
   image = content.load_image(table.image_paths[5], 8)[None]
   tokens = tok.encode(table.texts[5], 8)[None]
@@ -124,6 +124,27 @@ def test_random_init_checkpoint_with_zero_steps(straight_run):
   assert step == 0
   reference = jax.device_get(pretrain_lib.init_params(model, jax.random.key(config.seed)))
   jax.tree.map(np.testing.assert_array_equal, params, reference)
+
+
+def test_configured_spm_sizes_the_encoder_and_stays_with_the_checkpoint(straight_run):
+  import sentencepiece as spm
+  from alignrec_jax.data import content
+  root, _, _, _ = straight_run
+  texts = [line.split("\t")[1] for line in (root / "items.tsv").read_text().splitlines()[1:]]
+  with open(root / "tiny.spm", "wb") as f:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=f, model_type="bpe", vocab_size=40,
+                                   hard_vocab_limit=False, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+  n_pieces = spm.SentencePieceProcessor(model_file=str(root / "tiny.spm")).get_piece_size()
+  config = _config(root, steps=0)
+  config.data.tokenizer = str(root / "tiny.spm")
+  workdir = str(root / "spm")
+  pretrain_lib.pretrain(config, workdir)
+  assert (root / "spm" / content.TOKENIZER_FILE).read_bytes() == (root / "tiny.spm").read_bytes()
+  model, _, _ = _params(config, workdir)
+  assert model.vocab_size == n_pieces + 2  # + <pad> and <mask>
+  config.data.tokenizer = ""  # extraction reads the workdir's copy
+  assert pretrain_lib.extract(config, workdir)["n_items"] == N_ITEMS
 
 
 def test_bridge_errors(tmp_path):
