@@ -26,6 +26,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.features_from = ""       # a stage-1 workdir: take the feature table from its orbax checkpoint instead
   data.features_variant = "full"  # which stage-1 table: full | mask_image | mask_text
   data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
+  data.drop_duplicates = False  # True: drop repeated rows and train/valid/test overlaps (counted) instead of failing
   data.synthetic = False        # generate the embedded default dataset into root
   data.items_file = "items.tsv"  # raw content table (stage 1)
 
@@ -69,6 +70,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.num_devices = 0         # 0 = all local devices
   train.log_every_steps = 0     # 0 = one progress line per epoch
   train.keep_checkpoints = 1    # latest checkpoints kept besides the best
+  train.divergence_factor = 1e3  # stop when an epoch's mean loss exceeds this multiple of the first epoch's (0 = off)
 
   # ---------------------------------------------------------------- evaluation (MMRec protocol, spec §8)
   config.eval = ev = ml_collections.ConfigDict()

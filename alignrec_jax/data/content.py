@@ -167,6 +167,9 @@ class Tokenizer:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".json")
+    mask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump({"type": "word", "vocab": list(self.vocab)}, f, ensure_ascii=False)
     os.replace(tmp, path)

@@ -39,6 +39,7 @@ from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
+from alignrec_jax.train import workdir as workdir_lib
 
 _FEATURES_META = "features_meta.json"
 
@@ -51,9 +52,16 @@ def items_path(config) -> str:
 
 def _write_json(path: str, obj: Any) -> None:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+  os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
@@ -143,8 +151,16 @@ def make_train_step(model: mmenc.MMEnc, tx: optax.GradientTransformation, loss_k
 
 def pretrain(config, workdir: str) -> dict:
   """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}."""
-  pre = config.pretrain
   os.makedirs(workdir, exist_ok=True)
+  main_process = distributed.is_main_process()
+  with workdir_lib.locked(workdir, main_process):
+    workdir_lib.check_or_record(config, os.path.join(os.path.abspath(workdir), "pretrain"), stage=1,
+                                main_process=main_process)
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config, workdir: str) -> dict:
+  pre = config.pretrain
   # Process 0 first: it writes tokenizer.json and the tfds dataset into the (shared) workdir, the others load them.
   tokenizer, items = distributed.main_process_first(_load_items, config, workdir)
   n_items = len(items["tokens"])
@@ -272,6 +288,11 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
 
 def extract(config, workdir: str) -> dict:
   """Writes the feature table of every item (see the module docstring); returns {"n_items", "dim", "step"}."""
+  with workdir_lib.locked(workdir, distributed.is_main_process()):
+    return _extract(config, workdir)
+
+
+def _extract(config, workdir: str) -> dict:
   tokenizer, items = _load_items(config, workdir)
   n_items = len(items["tokens"])
   model, params, step = load_pretrained(config, workdir, tokenizer)

@@ -36,9 +36,11 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.data.sampler import BPRSampler
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
+from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
 from alignrec_jax.train import state as state_lib
+from alignrec_jax.train import workdir as workdir_lib
 
 
 def learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
@@ -66,22 +68,23 @@ def _results(meta: dict, config) -> dict:
 
 
 def _check_config(config) -> None:
-  t = config.train
-  for key in ("batch_size", "epochs", "eval_every"):
-    if t[key] < 1:
-      raise ValueError(f"config.train.{key}={t[key]} must be >= 1")
-  if t.stopping_step < 0:
-    raise ValueError(f"config.train.stopping_step={t.stopping_step} must be >= 0")
-  if config.optim.lr <= 0 or config.optim.lr_decay_every <= 0:
-    raise ValueError(f"config.optim.lr={config.optim.lr} and lr_decay_every={config.optim.lr_decay_every} must be > 0")
-  if t.eval_every != 1:
-    raise ValueError("config.train.eval_every must be 1: early stopping counts evaluated epochs, as the reference")
+  checks.check_stage2(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict."""
+  """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict.
+
+  Holds the workdir's lock and refuses to resume a checkpoint written with other settings (train/workdir.py), both
+  before any data loads."""
   _check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  main_process = distributed.is_main_process()
+  with workdir_lib.locked(workdir, main_process):
+    workdir_lib.check_or_record(config, os.path.join(workdir, "checkpoints"), stage=2, main_process=main_process)
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.get("synthetic", False):  # process 0 generates the default data once, the others then find it
     from alignrec_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the default data only)
     distributed.main_process_first(synthetic.ensure_synthetic_dataset, os.path.expanduser(config.data.root))
@@ -109,9 +112,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
   try:
     meta = _fresh_meta()
-    latest = ckpt.latest_step()
+    latest = ckpt.restore_latest(params, opt_state)  # the newest intact step; damaged ones are moved aside
     if latest is not None:
-      params, opt_state, meta = ckpt.restore(latest, params, opt_state)
+      _, params, opt_state, meta = latest
       sampler.set_state(meta["sampler_state"])
       logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
                    meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])

@@ -110,12 +110,14 @@ def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
                                err_msg=part)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   root = write_dataset(tmp_path / "data")
   workdir = str(tmp_path / "run")
   recommend.run(tiny_config(root, epochs=2), workdir)
   config = tiny_config(root, epochs=4)
-  config.optim.lr = 1e30
+  # the lr explodes from epoch 2 on (a resume may not change optim.lr itself)
+  schedule = recommend.learning_rate
+  monkeypatch.setattr(recommend, "learning_rate", lambda optim, epoch: 1e30 if epoch >= 2 else schedule(optim, epoch))
   with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2.*last good checkpoint \(after epoch 1\)"):
     recommend.run(config, workdir)
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
