@@ -17,6 +17,7 @@ deleted file) is moved to `<workdir>/damaged_checkpoints/` with a warning and th
 import contextlib
 import logging as pylogging
 import os
+import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -75,6 +76,23 @@ def _quiet_failures():
       h.removeFilter(mute)
 
 
+def _drop_closed_loop_noise() -> None:
+  """After a failed restore, tensorstore's pending reads complete into orbax's closed asyncio loop and each prints a
+  `RuntimeError: Event loop is closed` traceback (as an unraisable exception): noise that hides the one-line cause.
+  From then on only that exception is dropped; every other unraisable exception still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """orbax CheckpointManager over `<directory>`, keeping the latest `keep_latest` and the best checkpoint."""
 
@@ -120,6 +138,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
+      _drop_closed_loop_noise()
       cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
       raise CheckpointError(f"{where} cannot be restored ({cause}); it is damaged or was written by another "
                             "model/config") from e
