@@ -195,7 +195,8 @@ def _main(FLAGS) -> None:
   if not main_process:  # every process runs the same loop: process 0's log and table speak for all of them
     logging.set_verbosity(logging.WARNING)
   try:
-    config = FLAGS.config  # the config file is loaded here, at first access
+    config = FLAGS.config
+    config.keys()  # the config file is loaded here, at the first access of its contents
   except Exception as e:
     path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
     if path and not os.path.isfile(path.split(":", 1)[0]):

@@ -8,8 +8,9 @@ devices (pmap, gradients summed; under `jax.distributed` every device of every p
 devices' shards, see train/parallel.py); after every epoch the representations are computed once and the valid and
 test splits are ranked (users sharded over the processes, eval/ranking.py); early stopping on the valid metric
 (strict improvement; stop at the (stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test
-metrics are those of the best valid epoch. A NaN/Inf loss stops the run with an error; the checkpoint of the last
-good epoch stays.
+metrics are those of the best valid epoch. A NaN/Inf loss, or an epoch whose mean loss exceeds
+`train.divergence_factor` times the first step's, stops the run with an error; the checkpoint of the last good
+epoch stays.
 
 Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
 after the last finished epoch and ends exactly as an uninterrupted run. Every process takes part in the (orbax,
@@ -58,7 +59,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
 
 def _fresh_meta() -> dict:
   return {"epoch": -1, "sampler_state": "", "best_value": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
-          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False}
+          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False, "first_loss": None}
 
 
 def _results(meta: dict, config) -> dict:
@@ -69,6 +70,32 @@ def _results(meta: dict, config) -> dict:
 
 def _check_config(config) -> None:
   checks.check_stage2(config)
+
+
+class DivergenceError(FloatingPointError):
+  """The loss stayed finite but grew by orders of magnitude: the run is stopped, never reported as a success."""
+
+
+def _check_divergence(config, meta: dict, epoch: int, mean_loss: float, ckpt) -> None:
+  """Stops the run when the epoch's mean loss exceeds `train.divergence_factor` times the first step's loss.
+
+  The reference is the untrained model's loss, not the first epoch's mean: a diverging lr (1e6) already lifts the
+  first epoch's mean by eleven orders of magnitude. Its magnitude is floored at 1 so that a loss that starts near
+  zero does not trip the guard. The diverged epoch is not checkpointed, so a rerun stops the same way."""
+  factor = float(config.train.divergence_factor)
+  reference = meta.get("first_loss")
+  if reference is None and meta["history"]:  # a checkpoint from before first_loss was recorded
+    reference = meta["history"][0]["loss"]
+  if not factor or reference is None:
+    return
+  limit = factor * max(abs(reference), 1.0)
+  if abs(mean_loss) > limit:
+    last = ckpt.latest_step()
+    raise DivergenceError(
+        f"the run diverged: epoch {epoch}'s mean loss {mean_loss:.4g} is above config.train.divergence_factor="
+        f"{factor:g} x the first step's loss {reference:.4g}; stopped without checkpointing it"
+        + (f" (the last checkpoint, after epoch {last - 1}, stays)" if last else "")
+        + ": lower config.optim.lr")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -179,10 +206,13 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
             + (f"checkpoint (after epoch {last - 1}) is kept in {ckpt.directory}" if last else
                "state was never checkpointed (the first epoch failed)")
             + ": lower config.optim.lr or check the features")
+      if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
+        meta["first_loss"] = metrics["loss"]
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v
       n_steps += 1
     train_s = time.time() - t0
+    _check_divergence(config, meta, epoch, sums["loss"] / n_steps, ckpt)
 
     t0 = time.time()
     user_emb, item_emb = parallel.get_replicated(representations(p_params, p_eval_inputs), devices)

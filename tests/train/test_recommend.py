@@ -127,6 +127,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     ckpt.close()
 
 
+def test_a_diverging_finite_loss_stops_the_run_with_an_error(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=3)
+  config.optim.lr = 1e6  # the loss stays finite (about 4e11 in the first epoch) but is no longer training
+  with pytest.raises(recommend.DivergenceError, match=r"the run diverged: epoch 0's mean loss .* above "
+                                                      r"config.train.divergence_factor=1000 x the first step's loss"):
+    recommend.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "results.json").exists()
+  assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):
   root = write_dataset(tmp_path / "data")
   (tmp_path / "data" / "feat.npy").write_bytes(b"not an npy file")
