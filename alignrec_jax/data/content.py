@@ -22,6 +22,7 @@ import re
 import tempfile
 from typing import Iterable, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -211,6 +212,12 @@ def _builder_class():
       self._table, self._tokenizer = table, tokenizer
       self._image_size, self._max_text_len = image_size, max_text_len
       super().__init__(**kwargs)
+
+    def _log_download_bytes(self):  # tfds prints "Downloading and preparing dataset": nothing is downloaded here
+      logging.info("building the item-content dataset from local files in %s (once)", self.data_dir)
+
+    def _log_download_done(self):
+      logging.info("item-content dataset ready in %s", self.data_dir)
 
     def _info(self):
       s, length = self._image_size, self._max_text_len

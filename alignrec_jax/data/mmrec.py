@@ -1,6 +1,6 @@
 """The MMRec toolbox's data format: `<name>.inter` interactions plus item feature `.npy` files.
 
-Format (spec alignrec.md §3.2): a tab-separated file with a header line; the user, item and split columns are named
+Format (docs/method.md §3.2): a tab-separated file with a header line; the user, item and split columns are named
 by the config (`userID`, `itemID`, `x_label` by default; 0/1/2 = train/valid/test); other columns are ignored.
 Item features are `.npy` matrices whose row i belongs to itemID i. As in MMRec, `n_users` and `n_items` are
 `max(id) + 1` over the whole file, and valid/test rows of users who never appear in train are dropped (logged with

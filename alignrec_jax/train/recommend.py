@@ -2,7 +2,7 @@
 
   python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k
 
-Loop (spec alignrec.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
+Loop (docs/method.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
 optax.inject_hyperparams (no recompilation); one epoch = every train interaction once, in batches split over the
 devices (pmap, gradients summed; under `jax.distributed` every device of every process, each process feeding its
 devices' shards, see train/parallel.py); after every epoch the representations are computed once and the valid and
