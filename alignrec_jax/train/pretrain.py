@@ -39,6 +39,7 @@ from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
+from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
 
 _FEATURES_META = "features_meta.json"
@@ -115,19 +116,39 @@ def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
+  """(params, opt_state, meta) of `step`, checksums verified; CheckpointError (one line) if damaged/incompatible."""
   target = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
+  where = f"pre-training checkpoint {step} in {manager.directory}"
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for an incompatible or damaged checkpoint
-    raise ValueError(f"pre-training checkpoint {step} in {manager.directory} cannot be restored "
-                     f"({type(e).__name__}: {e}); it was written with another encoder size/config: use a fresh "
-                     "--workdir") from e
-  return restored["state"]["params"], restored["state"]["opt_state"], dict(restored["meta"])
+    raise state_lib.restore_failed(where, e) from e
+  meta = dict(restored["meta"])
+  state = jax.tree.map(np.asarray, restored["state"])
+  state_lib.verify(state, meta.pop("checksums", None), where)
+  return state["params"], state["opt_state"], meta
+
+
+def _restore_newest_intact(manager: ocp.CheckpointManager, params: Any, opt_state: Any):
+  """(step, params, opt_state, meta) of the newest intact step (damaged ones moved aside with a warning), or None."""
+  error = None
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return (step, *_restore(manager, step, params, opt_state))
+    except state_lib.CheckpointError as e:
+      error = e
+      logging.warning("%s; falling back to the previous checkpoint", e)
+      state_lib.quarantine(manager, str(manager.directory), step)
+  if error is not None:
+    raise state_lib.CheckpointError(f"no intact pre-training checkpoint in {manager.directory}: {error}; use a "
+                                    "fresh --workdir")
+  return None
 
 
 def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict) -> None:
   state = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
+  meta = dict(meta, checksums=state_lib.checksums(state))  # verified by _restore
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                force=True)
   manager.wait_until_finished()
@@ -179,9 +200,10 @@ def _pretrain(config, workdir: str) -> dict:
   manager = _checkpoint_manager(workdir)
   try:
     start, meta = 0, {"history": []}
-    latest = manager.latest_step()
-    if latest is not None:
-      params, opt_state, meta = _restore(manager, latest, params, opt_state)
+    newest = _restore_newest_intact(manager, params, opt_state)
+    latest = None if newest is None else newest[0]
+    if newest is not None:
+      _, params, opt_state, meta = newest
       if meta.get("tokenizer") != tokenizer.fingerprint():
         raise ValueError(f"{manager.directory}: the checkpoint was trained with another vocabulary than "
                          f"{workdir}/tokenizer.json; use a fresh --workdir")

@@ -93,6 +93,26 @@ def _drop_closed_loop_noise() -> None:
   sys.unraisablehook = hook
 
 
+def quarantine(manager: ocp.CheckpointManager, directory: str, step: int) -> None:
+  """Moves step `step` of `directory` to `<parent>/damaged_checkpoints/` (kept for inspection, out of orbax's way)."""
+  if distributed.is_main_process():
+    target = os.path.join(os.path.dirname(directory), "damaged_checkpoints",
+                          f"{os.path.basename(directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(directory, str(step)), target)
+    logging.warning("moved the damaged checkpoint %d to %s", step, target)
+  distributed.barrier(f"quarantine:{step}")
+  manager.reload()
+
+
+def restore_failed(where: str, e: Exception) -> CheckpointError:
+  """The one-line error for an orbax restore that raised (a damaged or incompatible checkpoint)."""
+  _drop_closed_loop_noise()
+  cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+  return CheckpointError(f"{where} cannot be restored ({cause}); it is damaged or was written by another "
+                         "model/config")
+
+
 class Checkpointer:
   """orbax CheckpointManager over `<directory>`, keeping the latest `keep_latest` and the best checkpoint."""
 
@@ -138,10 +158,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                       meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
-      _drop_closed_loop_noise()
-      cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-      raise CheckpointError(f"{where} cannot be restored ({cause}); it is damaged or was written by another "
-                            "model/config") from e
+      raise restore_failed(where, e) from e
     meta = dict(restored["meta"])
     state = jax.tree.map(np.asarray, restored["state"])
     verify(state, meta.pop("checksums", None), where)
@@ -167,14 +184,7 @@ class Checkpointer:
     return None
 
   def _quarantine(self, step: int) -> None:
-    if distributed.is_main_process():
-      target = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints",
-                            f"{os.path.basename(self.directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(os.path.join(self.directory, str(step)), target)
-      logging.warning("moved the damaged checkpoint %d to %s", step, target)
-    distributed.barrier(f"quarantine:{step}")
-    self.manager.reload()
+    quarantine(self.manager, self.directory, step)
 
   def close(self) -> None:
     self.manager.close()
