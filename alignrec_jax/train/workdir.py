@@ -10,8 +10,9 @@ multi-process run takes it: all processes share one workdir.
 Stored config: `<checkpoint dir>/run_config.json`, written before the first checkpoint of a directory. A resume
 (the directory holds a finished checkpoint) with a config that differs from it in any key that can change what is
 trained is refused with one line listing the keys. Not compared, because they cannot change the checkpoint's
-numbers: `train.epochs` (a finished run may be continued), `stage`, logging and checkpoint-retention keys, and the
-sections the directory's stage never reads (see `STAGE2_IGNORED` and `STAGE1_KEYS`).
+numbers: `train.epochs` (a finished run may be continued), `stage`, logging and checkpoint-retention keys, the
+sections the directory's stage never reads (see `STAGE2_IGNORED` and `STAGE1_KEYS`) and other models' own sections
+(`model.<other model>.*`).
 """
 
 import contextlib
@@ -135,7 +136,10 @@ def resolved_config(config) -> dict:
 def _compared(flat: dict, stage: int) -> dict:
   if stage == 1:
     return {k: v for k, v in flat.items() if _matches(k, STAGE1_KEYS) and not _matches(k, STAGE1_IGNORED)}
-  return {k: v for k, v in flat.items() if not _matches(k, STAGE2_IGNORED)}
+  # another model's own section (config.model.<other>.*) cannot change this model's run
+  own = f"model.{flat.get('model.name')}."
+  return {k: v for k, v in flat.items() if not _matches(k, STAGE2_IGNORED)
+          and not (k.startswith("model.") and k.count(".") >= 2 and not k.startswith(own))}
 
 
 def has_checkpoint(directory: str) -> bool:

@@ -140,3 +140,19 @@ def test_checksums_catch_a_changed_value():
   tree["w"][1, 2] = np.nextafter(tree["w"][1, 2], np.float32(10))
   with pytest.raises(state_lib.CheckpointError, match=r"here is damaged: 1 of 1 arrays differ"):
     state_lib.verify(tree, saved, "here")
+
+
+def test_only_keys_that_can_change_the_checkpoint_are_compared(tmp_path):
+  config = tiny_config(tmp_path)
+  directory = str(tmp_path / "checkpoints")
+  workdir_lib.check_or_record(config, directory, stage=2)
+  os.makedirs(os.path.join(directory, "1"))  # a finished step: from now on a rerun is a resume
+  same = tiny_config(tmp_path)
+  same.train.epochs, same.stage, same.train.keep_checkpoints = 50, "all", 3
+  same.pretrain.lr, same.probe.mask_ratio, same.model.freedom.dropout = 0.5, 0.9, 0.1  # never read by this run
+  workdir_lib.check_or_record(same, directory, stage=2)
+  for section, name, value in (("model", "embedding_size", 16), ("eval", "topk", (5, 10))):
+    other = tiny_config(tmp_path)
+    other[section][name] = value
+    with pytest.raises(workdir_lib.WorkdirError, match=f"{section}.{name}"):
+      workdir_lib.check_or_record(other, directory, stage=2)
