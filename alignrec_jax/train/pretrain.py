@@ -127,22 +127,26 @@ def _restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: 
   meta = dict(restored["meta"])
   state = jax.tree.map(np.asarray, restored["state"])
   state_lib.verify(state, meta.pop("checksums", None), where)
+  state_lib.check_shapes(state, target, where)
   return state["params"], state["opt_state"], meta
 
 
 def _restore_newest_intact(manager: ocp.CheckpointManager, params: Any, opt_state: Any):
   """(step, params, opt_state, meta) of the newest intact step (damaged ones moved aside with a warning), or None."""
-  error = None
+  failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return (step, *_restore(manager, step, params, opt_state))
+      restored = _restore(manager, step, params, opt_state)
     except state_lib.CheckpointError as e:
-      error = e
+      failed.append((step, str(e)))
       logging.warning("%s; falling back to the previous checkpoint", e)
-      state_lib.quarantine(manager, str(manager.directory), step)
-  if error is not None:
-    raise state_lib.CheckpointError(f"no intact pre-training checkpoint in {manager.directory}: {error}; use a "
-                                    "fresh --workdir")
+      continue
+    for bad, _ in failed:  # moved only once an older step restores (else the encoder/config differs)
+      state_lib.quarantine(manager, str(manager.directory), bad)
+    return (step, *restored)
+  if failed:
+    raise state_lib.CheckpointError(f"no pre-training checkpoint in {manager.directory} can be restored (none was "
+                                    f"moved): {failed[-1][1]}; use a fresh --workdir for another encoder or config")
   return None
 
 

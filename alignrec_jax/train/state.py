@@ -56,6 +56,17 @@ def verify(tree: Any, expected: Optional[dict], where: str) -> None:
                           f"(first: {bad[0]})")
 
 
+def check_shapes(restored: Any, target: Any, where: str) -> None:
+  """Raises CheckpointError when a restored array's shape differs from the freshly built one (another model or feature
+  width: orbax restores the saved shape whatever the target says)."""
+  want = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    key = jax.tree_util.keystr(path)
+    if key in want and np.shape(leaf) != want[key]:
+      raise CheckpointError(f"{where} was written by another model or feature width: {key} has shape "
+                            f"{np.shape(leaf)}, this config builds {want[key]}")
+
+
 class _MuteOrbaxErrors(pylogging.Filter):
   """While a restore may fail, orbax and asyncio log the failure at length; the caller reports it in one line."""
 
@@ -162,25 +173,31 @@ class Checkpointer:
     meta = dict(restored["meta"])
     state = jax.tree.map(np.asarray, restored["state"])
     verify(state, meta.pop("checksums", None), where)
+    check_shapes(state, target, where)
     return state["params"], state["opt_state"], meta
 
   def restore_latest(self, params_like: Any, opt_state_like: Any,
                      quarantine: bool = True) -> Optional[tuple[int, Any, Any, dict]]:
     """(step, params, opt_state, meta) of the newest intact checkpoint; None when there is none at all.
 
-    A damaged step is skipped with a warning and, with `quarantine`, moved to `<parent>/damaged_checkpoints/` so that
-    the run can write that step again. Raises CheckpointError when every step is damaged."""
-    errors = []
+    A step that cannot be restored is skipped with a warning and, with `quarantine`, once an older step restores,
+    moved to `<parent>/damaged_checkpoints/` so that the run can write that step again. Raises CheckpointError, moving
+    nothing, when no step restores (typically a checkpoint of another model or feature width)."""
+    failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return (step, *self.restore(step, params_like, opt_state_like))
+        restored = self.restore(step, params_like, opt_state_like)
       except CheckpointError as e:
-        errors.append(str(e))
+        failed.append((step, str(e)))
         logging.warning("%s; falling back to the previous checkpoint", e)
-        if quarantine:
-          self._quarantine(step)
-    if errors:
-      raise CheckpointError(f"no intact checkpoint in {self.directory}: {errors[-1]}; use a fresh --workdir")
+        continue
+      # Moved only once an older step restores: when none does, the model/config differs (nothing is damaged)
+      for bad, _ in failed if quarantine else ():
+        self._quarantine(bad)
+      return (step, *restored)
+    if failed:
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (none was moved): {failed[-1][1]}; "
+                            "use a fresh --workdir for another model or config")
     return None
 
   def _quarantine(self, step: int) -> None:

@@ -156,3 +156,13 @@ def test_only_keys_that_can_change_the_checkpoint_are_compared(tmp_path):
     other[section][name] = value
     with pytest.raises(workdir_lib.WorkdirError, match=f"{section}.{name}"):
       workdir_lib.check_or_record(other, directory, stage=2)
+
+
+def test_a_checkpoint_of_another_feature_width_is_refused_and_left_in_place(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  recommend.run(tiny_config(root, epochs=1), str(workdir))
+  write_dataset(tmp_path / "data", d_f=12)  # same config, the feature file now 12 wide
+  with pytest.raises(state_lib.CheckpointError, match=r"can be restored \(none was moved\)"):
+    recommend.run(tiny_config(root, epochs=2), str(workdir))
+  assert (workdir / "checkpoints" / "1").is_dir() and not (workdir / "damaged_checkpoints").exists()
