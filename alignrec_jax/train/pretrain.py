@@ -10,9 +10,11 @@
   pretrain_history.json; every process takes part in the orbax checkpoint saves.
   Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
   batches an uninterrupted one would. Checkpoints (orbax, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
-  steps and at the end hold params, optimiser state and the logged history; a rerun resumes from the latest one and
-  returns at once when `pretrain.steps` are done. `pretrain.steps = 0` saves the randomly initialised encoder (the
-  baseline for "does pre-training help").
+  steps and at the end hold params, optimiser state, the logged history and checksums of the arrays; a rerun resumes
+  from the newest intact one (a damaged step is moved aside with a warning) and returns at once when
+  `pretrain.steps` are done. The workdir is locked while a stage runs, and a resume with other stage-1 settings is
+  refused (train/workdir.py). `pretrain.steps = 0` saves the randomly initialised encoder (the baseline for "does
+  pre-training help").
 
 `extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
   the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
