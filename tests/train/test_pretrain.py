@@ -76,6 +76,25 @@ def test_a_resume_with_another_stage1_setting_is_refused(straight_run):
     pretrain_lib.pretrain(changed, workdir)
 
 
+def test_a_damaged_latest_step_is_moved_aside_and_the_previous_one_resumed(straight_run, tmp_path, caplog):
+  import shutil
+  _, config, straight, _ = straight_run
+  workdir = tmp_path / "copy"
+  shutil.copytree(straight, workdir)
+  data = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "pretrain" / "6" / "state") for f in fs
+          if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+  path = max(data, key=os.path.getsize)
+  blob = bytearray(open(path, "rb").read())
+  blob[len(blob) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(blob))
+  summary = pretrain_lib.pretrain(config, str(workdir))  # steps 5 and 6 again, from step 4
+  assert "pre-training checkpoint 6 in" in caplog.text and "falling back to the previous checkpoint" in caplog.text
+  assert os.listdir(workdir / "damaged_checkpoints") and summary["last"]["step"] == 6
+  _, resumed, _ = _params(config, str(workdir))
+  _, reference, _ = _params(config, straight)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, reference)
+
+
 def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypatch):
   root, config, straight, _ = straight_run
   workdir = str(root / "resumed")
