@@ -10,8 +10,11 @@
   all       pretrain, extract, then train on the extracted features (each step skips work already done)
   probe     the paper's intermediate evaluations of one or more feature tables
 
-An unknown `--config.*` key is an error. Results go to `<workdir>/results.json`; rerunning the same command in the
-same workdir resumes from the latest checkpoint.
+An unknown `--config.*` key is an error, and every config value is checked before any data loads (train/checks.py).
+Results go to `<workdir>/results.json`; rerunning the same command in the same workdir resumes from the newest intact
+checkpoint. A workdir belongs to one run (train/workdir.py): it is locked while a stage runs, and a resume with other
+settings (except `train.epochs`) is refused. Every error is one line on stderr and exit code 1; `--verbose` shows
+the traceback.
 """
 
 import json
@@ -183,7 +186,6 @@ def main(argv) -> None:
     if FLAGS.verbose:
       raise
     if isinstance(e, _user_errors()):
-      logging.error("%s", _one_line(e))
       sys.exit(f"error: {_one_line(e)}")
     sys.exit(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --verbose for the traceback)")
 
