@@ -42,6 +42,21 @@ def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
     child.wait()
 
 
+def test_stage1_takes_the_lock_too(tmp_path):
+  """Two stage-1 runs on one workdir would build its item-content dataset at once (tfds FileExistsError)."""
+  from alignrec_jax.train import pretrain
+  from tests.train import tiny_pretrain_config
+  child = _hold_lock_in_a_child(tmp_path)
+  try:
+    for stage in (pretrain.pretrain, pretrain.extract):
+      with pytest.raises(workdir_lib.WorkdirError, match=f"in use by pid {child.pid}"):
+        stage(tiny_pretrain_config.get_config(), str(tmp_path))
+    assert not (tmp_path / "tfds").exists()
+  finally:
+    child.kill()
+    child.wait()
+
+
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning_and_released_on_exit(tmp_path, caplog):
   child = _hold_lock_in_a_child(tmp_path)
   child.kill()  # SIGKILL: the lock file stays, its flock goes with the process
