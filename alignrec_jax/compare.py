@@ -11,7 +11,7 @@ interrupted one resumes from its checkpoint. --config.* overrides apply to every
 hyper-parameters are --config.model.<name>.<key>).
 
 --grid first trains every combination of the model's hyper-parameter grid (its `hyper_grid()`; AlignRec's is
-spec alignrec.md §7, below; --grid_keys restricts it to some of its keys) with the first seed, in
+docs/method.md §7, below; --grid_keys restricts it to some of its keys) with the first seed, in
 <workdir>/<model>/grid/<key><value>_.../, and keeps the combination with the best VALID metric (--select_metric,
 default recall@20; the first one on ties); the test split plays no part in the choice. The seeds then run with that
 combination (the first seed's run is the grid run itself).
@@ -39,7 +39,7 @@ from ml_collections import config_flags
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
-# AlignRec's grid (spec alignrec.md §7; its model file has no hyper_grid()): 7 x 5 x 5 = 175 runs.
+# AlignRec's grid (docs/method.md §7; its model file has no hyper_grid()): 7 x 5 x 5 = 175 runs.
 ALIGNREC_GRID = {"optim.lr": [0.005, 0.003, 0.001, 0.0007, 0.0005, 0.0003, 0.0001],
                  "loss.cl_weight": [0.0001, 0.001, 0.005, 0.01, 0.1],
                  "loss.sim_weight": [0.1, 0.2, 0.3, 0.4, 0.5]}

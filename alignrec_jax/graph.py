@@ -1,4 +1,4 @@
-"""Graphs of AlignRec's Aggregator and the one propagation function every model uses (spec alignrec.md §5.2).
+"""Graphs of AlignRec's Aggregator and the one propagation function every model uses (docs/method.md §5.2).
 
 A graph is a sparse matrix A [n_dst, n_src] stored as an edge list (`Graph`): edge e adds `w[e] * x[src[e]]` to
 row `dst[e]` of `propagate(graph, x) = A @ x`. Edges are sorted by destination so that the forward segment_sum
@@ -206,7 +206,7 @@ def propagate(graph: Graph, x: jax.Array, method: str = "segment_sum") -> jax.Ar
 
 
 def user_item_graph(train: np.ndarray, n_users: int, n_items: int) -> tuple[Graph, Graph]:
-  """The LightGCN adjacency and its user <- item block (spec §5.2a).
+  """The LightGCN adjacency and its user <- item block (docs/method.md §5.2a).
 
   Args:
     train: [n_train, 2] (user, item) train interactions; a repeated pair counts twice, as the reference's coo does.
@@ -238,7 +238,7 @@ def _knn_block(block: jax.Array, all_rows: jax.Array, k: int):
 
 
 def knn_graph(features: np.ndarray, k: int, block_rows: int = 4096) -> Graph:
-  """Row-wise top-k cosine kNN graph, "sym" normalised by row sums, not symmetrised (spec §5.2b).
+  """Row-wise top-k cosine kNN graph, "sym" normalised by row sums, not symmetrised (docs/method.md §5.2b).
 
   S_ij = cos(F_i, F_j); row i keeps its k largest entries (itself included); r_i = sum of row i's kept values;
   S̃_ij = r_i^-1/2 S_ij r_j^-1/2 (a zero row sum gives weight 0). h_mm = S̃ @ P is `propagate(graph, P)`.

@@ -11,8 +11,11 @@
   probe     the paper's intermediate evaluations of one or more feature tables
   export    a finished stage-2 run's best epoch: user/item vectors, top-k lists, manifest in <workdir>/export/
 
-An unknown `--config.*` key is an error. Results go to `<workdir>/results.json`; rerunning the same command in the
-same workdir resumes from the latest checkpoint.
+An unknown `--config.*` key is an error, and every config value is checked before any data loads (train/checks.py).
+Results go to `<workdir>/results.json`; rerunning the same command in the same workdir resumes from the newest intact
+checkpoint. A workdir belongs to one run (train/workdir.py): it is locked while a stage runs, and a resume with other
+settings (except `train.epochs`) is refused. Every error is one line on stderr and exit code 1; `--verbose` shows
+the traceback.
 """
 
 import json
@@ -25,9 +28,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-STAGES = ("pretrain", "extract", "train", "all", "probe", "export")
-
-
 
 def define_flags() -> None:
   """The command line's flags; defined only when main.py runs as the program, so that importing this module (tests,
@@ -38,6 +38,7 @@ def define_flags() -> None:
                       "Multi-process runs: host:port of process 0 (or JAX_COORDINATOR_ADDRESS).")
   flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+  flags.DEFINE_bool("verbose", False, "Show the traceback of an error (by default: one line on stderr).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -74,37 +75,64 @@ def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "ma
   return "\n".join(lines)
 
 
+def _check_workdir(workdir: str) -> None:
+  """A workdir that is a file, or a folder this user cannot write, fails here in one line, before anything runs."""
+  from alignrec_jax.train import workdir as workdir_lib
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise workdir_lib.WorkdirError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise workdir_lib.WorkdirError(f"--workdir={workdir} is not writable by this user")
+
+
 def run(config, workdir: str) -> dict:
-  """Runs `config.stage` in `workdir` and returns the results dict (also in <workdir>/results.json)."""
-  if config.stage not in STAGES:
-    raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
+  """Runs `config.stage` in `workdir` and returns the results dict (also in <workdir>/results.json).
+
+  Every config value is checked and the workdir locked (train/workdir.py) before any data loads; `config.json` is
+  written only once the run is known to own the workdir with these settings."""
+  from alignrec_jax.train import checks
+  from alignrec_jax.train import workdir as workdir_lib
+  checks.check_config(config)
   if config.stage == "export":  # reads a finished run, writes only <workdir>/export/ (config.json stays the run's)
-    _initialise_jax(config)
     from alignrec_jax import export
-    export.run(config, workdir)
+    if not os.path.isdir(workdir):
+      raise export.RunError(f"workdir not found: {workdir}")
+    _initialise_jax(config)
+    with workdir_lib.locked(workdir):  # not while a run trains in it
+      export.run(config, workdir)
     return {}
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(workdir)
   _initialise_jax(config)
   import jax
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  if config.stage in ("pretrain", "extract", "all"):
-    from alignrec_jax.train import pretrain
+  main_process = jax.process_index() == 0
+  with workdir_lib.locked(workdir, main_process):
+    stage2 = config
+    if config.stage == "all":
+      stage2 = config.copy_and_resolve_references()
+      stage2.data.features_from = workdir  # stage 2 trains on what stage 1 writes here
     if config.stage in ("pretrain", "all"):
-      pretrain.pretrain(config, workdir)
-    if config.stage in ("extract", "all"):
-      pretrain.extract(config, workdir)
-    if config.stage != "all":
-      return {}
-    with config.unlocked():
-      config.data.features_from = workdir  # stage 2 trains on what stage 1 just wrote
-  if config.stage == "probe":
-    from alignrec_jax.eval import probes
-    return probes.run(config, workdir)
-  from alignrec_jax.train import recommend
-  return recommend.run(config, workdir)
+      workdir_lib.check_or_record(config, os.path.join(os.path.abspath(workdir), "pretrain"), 1, main_process)
+    if config.stage in ("train", "all"):
+      workdir_lib.check_or_record(stage2, os.path.join(workdir, "checkpoints"), 2, main_process)
+    if main_process:
+      workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+    if config.stage in ("pretrain", "extract", "all"):
+      from alignrec_jax.train import pretrain
+      if config.stage in ("pretrain", "all"):
+        pretrain.pretrain(config, workdir)
+      if config.stage in ("extract", "all"):
+        pretrain.extract(config, workdir)
+      if config.stage != "all":
+        return {}
+    if config.stage == "probe":
+      from alignrec_jax.eval import probes
+      return probes.run(config, workdir)
+    from alignrec_jax.train import recommend
+    return recommend.run(stage2, workdir)
 
 
 def _unknown_override(argv) -> str:
@@ -143,29 +171,58 @@ def parse_flags(argv):
     sys.exit(f"error: {reason or e}")
 
 
+def _user_errors() -> tuple:
+  """Exception types whose message is the whole story for a user (bad input, a busy workdir, a diverged run)."""
+  from alignrec_jax.data.mmrec import DataError
+  from alignrec_jax.export import RunError
+  from alignrec_jax.train.checks import ConfigError
+  from alignrec_jax.train.state import CheckpointError
+  from alignrec_jax.train.workdir import WorkdirError
+  return (DataError, ConfigError, RunError, WorkdirError, CheckpointError, FloatingPointError, ValueError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from alignrec_jax.train import distributed
   FLAGS = flags.FLAGS
+  try:
+    _main(FLAGS)
+  except Exception as e:  # every user-facing error: one line on stderr, exit 1; --verbose adds the traceback
+    if FLAGS.verbose:
+      raise
+    if isinstance(e, _user_errors()):
+      sys.exit(f"error: {_one_line(e)}")
+    sys.exit(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --verbose for the traceback)")
+
+
+def _main(FLAGS) -> None:
+  from alignrec_jax.train import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   main_process = distributed.is_main_process()
   if not main_process:  # every process runs the same loop: process 0's log and table speak for all of them
     logging.set_verbosity(logging.WARNING)
-  config = FLAGS.config
-  workdir = os.path.expanduser(FLAGS.workdir)
-  from alignrec_jax.data.mmrec import DataError
-  from alignrec_jax.export import RunError
   try:
-    results = run(config, workdir)
-  except (DataError, FloatingPointError, RunError) as e:  # bad input, a diverged run, a run not ready to export
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+    config = FLAGS.config
+    config.keys()  # the config file is loaded here, at the first access of its contents
+  except Exception as e:
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+    if path and not os.path.isfile(path.split(":", 1)[0]):
+      raise FileNotFoundError(f"config file not found: {path}") from None
+    raise ValueError(f"config file {path} cannot be loaded: {type(e.__cause__ or e).__name__}: "
+                     f"{_one_line(e.__cause__ or e)}") from e
+  workdir = os.path.expanduser(FLAGS.workdir)
+  results = run(config, workdir)
   table = format_metrics_table(results) if main_process else ""
   if table:
     best = results.get("best_epoch")
     print(f"\nbest epoch {best} (selected on valid {config.eval.valid_metric})\n{table}")
+  if config.stage == "export" and main_process:
+    print(f"export: {os.path.join(workdir, 'export')} (files described in docs/formats.md)")
   if config.stage == "export" and main_process:
     print(f"export: {os.path.join(workdir, 'export')} (files described in docs/formats.md)")
   if results and main_process:

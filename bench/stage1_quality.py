@@ -4,12 +4,12 @@
 
 Runs stage 1 twice with the same config and seed in `<workdir>/pretrained` (pretrain.steps from the config) and
 `<workdir>/random` (pretrain.steps=0: the same encoder at its initialisation), extracts both feature tables and scores
-them zero-shot (decisions.md): a user is the mean of the L2-normalised features of the user's train items, items are
-ranked by cosine to it with train items masked, metrics of `eval/ranking.evaluate` on the test (and valid) split.
-Existing stage-1 work in the workdir is reused. Prints the ICA losses (first and last logged window) and ends with
-one JSON line.
+them zero-shot (docs/method.md §9): a user is the mean of the L2-normalised features of the user's train items,
+items are ranked by cosine to it with train items masked, metrics of `eval/ranking.evaluate` on the test (and valid)
+split. Existing stage-1 work in the workdir is reused. Prints the ICA losses (first and last logged window) and ends
+with one JSON line.
 
-Item-CF (decisions.md: ItemKNNCBF over the full table, `config.probe.item_cf_k` neighbours, shrink
+Item-CF (docs/method.md §9: ItemKNNCBF over the full table, `config.probe.item_cf_k` neighbours, shrink
 `config.probe.item_cf_shrink`) scores the table's neighbourhoods, which stage 2's item-item kNN graph is built from.
 
 Each table is also scored with its column mean removed ("centred"): cosine ranking rewards a table whose rows share
@@ -98,7 +98,7 @@ def main(argv):
             metrics = zero_shot(data, feats, splits[split])
             for metric in ("recall@20", "ndcg@20"):
               out[f"{table_name}_{variant}{form}_{split}_{metric}"] = metrics[metric]
-      # item-CF (decisions.md): the table's kNN neighbourhoods, which stage 2's item-item graph is built from
+      # item-CF (docs/method.md §9): the table's kNN neighbourhoods, which stage 2's item-item graph is built from
       cf = probes.probe_features(tables[table_name]["full"], data, splits, ("item_cf",), run.eval,
                                  run.probe.item_cf_k, run.probe.item_cf_shrink)["item_cf"]
       for split in splits:

@@ -22,15 +22,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.item_field = "itemID"
   data.split_field = "x_label"
   data.image_feat = "image_feat.npy"   # file name under root ("" = none); AlignRec's fused features use this slot
-  data.text_feat = ""                  # MMRec's text_feat.npy slot ("" = none; AlignRec ignores text, spec §6)
+  data.text_feat = ""                  # MMRec's text_feat.npy slot ("" = none; AlignRec ignores text)
   data.features_from = ""       # a stage-1 workdir: take the feature table from its orbax checkpoint instead
   data.features_variant = "full"  # which stage-1 table: full | mask_image | mask_text
   data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
+  data.drop_duplicates = False  # True: drop repeated rows and train/valid/test overlaps (counted) instead of failing
   data.synthetic = False        # generate the embedded default dataset into root
   data.items_file = "items.tsv"  # raw content table (stage 1)
   data.tokenizer = ""           # stage-1 sentencepiece model (.spm, e.g. BEiT-3's beit3.spm); "" = trained on the texts
 
-  # ---------------------------------------------------------------- stage-2 model (AlignRec, spec §5)
+  # ---------------------------------------------------------------- stage-2 model (AlignRec, docs/method.md §5)
   config.model = model = ml_collections.ConfigDict()
   model.name = "alignrec"
   model.embedding_size = 64
@@ -70,8 +71,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.num_devices = 0         # 0 = all local devices
   train.log_every_steps = 0     # 0 = one progress line per epoch
   train.keep_checkpoints = 1    # latest checkpoints kept besides the best
+  train.divergence_factor = 1e3  # stop when an epoch's mean loss exceeds this multiple of the first epoch's (0 = off)
 
-  # ---------------------------------------------------------------- evaluation (MMRec protocol, spec §8)
+  # ---------------------------------------------------------------- evaluation (MMRec protocol, docs/method.md §8)
   config.eval = ev = ml_collections.ConfigDict()
   ev.topk = (5, 10, 20, 50)
   ev.metrics = ("recall", "ndcg", "precision", "map")
@@ -86,7 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   export.item_table = ""        # tab-separated itemID -> text table under data.root ("" = data.items_file if present)
   export.item_text = "text"     # its column that names an item (recommend CLI, Run.item_text)
 
-  # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), decisions.md
+    # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), docs/method.md §2
   config.pretrain = pre = ml_collections.ConfigDict()
   pre.size = "tiny"             # tiny | small | base
   pre.image_size = 32
@@ -128,7 +130,7 @@ def get_amazon_paper_config(name: str) -> ml_collections.ConfigDict:
 
   Data under data/<name>/ relative to the working directory: <name>.inter and AlignRec's released fused features
   (data/beit3_128token_add_title_brand_to_text/<name>_beit3_128token_add_title_brand_to_text/image_feat.npy).
-  Settings (spec alignrec.md §7): d 64, 2 user-item layers, 1 item-item layer, k 10, batch 2048, reg 1e-4,
+  Settings (docs/method.md §7): d 64, 2 user-item layers, 1 item-item layer, k 10, batch 2048, reg 1e-4,
   ui_cosine 0.1, stopping 30; lr 5e-4, cl 0.01, sim 0.1 is the reference's one commented-in grid point.
   """
   config = get_base_config()

@@ -68,3 +68,68 @@ def test_missing_tokenizer_file_is_one_line_naming_the_key(tmp_path):
           in proc.stderr.splitlines())
   assert "Traceback" not in proc.stderr
   assert not (workdir / "tokenizer.spm").exists() and not (workdir / "tfds").exists()
+
+
+def _tiny(workdir, *overrides):
+  return _run_cli("--config=tests/train/tiny_config.py", f"--workdir={workdir}", *overrides)
+
+
+def _one_error_line(proc):
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.eval.valid_metric=recall@25", "config.eval.valid_metric='recall@25' has a cut-off (25) that "
+                                             "eval.topk (5, 10, 20) does not evaluate"),
+    ("--config.eval.topk=abc", "config.eval.topk=('abc',) must hold positive integers"),
+    ("--config.stage=bogus", "config.stage='bogus' is not one of"),
+    ("--config.train.divergence_factor=-1", "config.train.divergence_factor=-1.0 must be >= 0.0"),
+])
+def test_config_errors_are_one_line_before_any_data_loads(tmp_path, override, message):
+  proc = _tiny(tmp_path / "run", f"--config.data.root={tmp_path / 'no_data'}", override)
+  assert message in _one_error_line(proc)
+  assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_missing_config_and_bad_workdirs_are_one_line(tmp_path):
+  proc = _run_cli("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert "error: config file not found: configs/nope.py" in _one_error_line(proc)
+  (tmp_path / "file").write_text("")
+  proc = _tiny(tmp_path / "file")
+  assert f"--workdir={tmp_path / 'file'} is a file, not a directory" in _one_error_line(proc)
+  proc = _tiny(tmp_path / "file" / "below")
+  assert "cannot be created: Not a directory" in _one_error_line(proc)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  proc = _tiny(tmp_path / "run", "--config.stage=bogus", "--verbose")
+  assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_second_process_on_a_busy_workdir_fails_at_once(tmp_path):
+  from tests.train.test_workdir import _hold_lock_in_a_child
+  child = _hold_lock_in_a_child(tmp_path)
+  try:
+    proc = _tiny(tmp_path, f"--config.data.root={tmp_path / 'no_data'}")
+    assert f"is in use by pid {child.pid} on host" in _one_error_line(proc)
+  finally:
+    child.kill()
+    child.wait()
+
+
+def test_a_diverged_run_exits_1_and_outputs_are_group_readable(tmp_path):
+  from tests.train.test_recommend import write_dataset
+  root = write_dataset(tmp_path / "data")
+  proc = _tiny(tmp_path / "run", f"--config.data.root={root}", "--config.optim.lr=1e6")
+  assert "error: the run diverged: epoch 0's mean loss" in _one_error_line(proc)
+  assert not (tmp_path / "run" / "results.json").exists()
+  old = os.umask(0o022)
+  try:
+    from alignrec_jax.train import pretrain
+    pretrain._write_json(str(tmp_path / "x.json"), {})  # pylint: disable=protected-access  (the mkstemp writer)
+  finally:
+    os.umask(old)
+  for path in (tmp_path / "run" / "config.json", tmp_path / "x.json"):
+    assert os.stat(path).st_mode & 0o777 == 0o644, path

@@ -24,6 +24,7 @@ import os
 import tempfile
 from typing import Iterable, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -213,6 +214,9 @@ class Tokenizer:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".spm")
+    mask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     with os.fdopen(fd, "wb") as f:
       f.write(self.model_proto)
     os.replace(tmp, path)
@@ -275,6 +279,12 @@ def _builder_class():
       self._table, self._tokenizer = table, tokenizer
       self._image_size, self._max_text_len = image_size, max_text_len
       super().__init__(**kwargs)
+
+    def _log_download_bytes(self):  # tfds prints "Downloading and preparing dataset": nothing is downloaded here
+      logging.info("building the item-content dataset from local files in %s (once)", self.data_dir)
+
+    def _log_download_done(self):
+      logging.info("item-content dataset ready in %s", self.data_dir)
 
     def _info(self):
       s, length = self._image_size, self._max_text_len

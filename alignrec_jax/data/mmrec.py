@@ -1,9 +1,12 @@
 """The MMRec toolbox's data format: `<name>.inter` interactions plus item feature `.npy` files.
 
-Format (spec alignrec.md §3.2): a tab-separated file with a header line; the user, item and split columns are named
+Format (docs/method.md §3.2): a tab-separated file with a header line; the user, item and split columns are named
 by the config (`userID`, `itemID`, `x_label` by default; 0/1/2 = train/valid/test); other columns are ignored.
 Item features are `.npy` matrices whose row i belongs to itemID i. As in MMRec, `n_users` and `n_items` are
-`max(id) + 1` over the whole file, and valid/test rows of users who never appear in train are dropped.
+`max(id) + 1` over the whole file, and valid/test rows of users who never appear in train are dropped (logged with
+counts). A (user, item) pair may occur once in the file: repeated rows and pairs in two splits are errors, or are
+dropped and counted with `data.drop_duplicates=True`. Ids far beyond the number of distinct ids are refused before
+any table of that size is allocated; smaller gaps in the numbering are logged.
 
 Every check raises `DataError` naming the file and the line or field, so a bad file never surfaces as a traceback
 from deep inside numpy.
@@ -14,6 +17,7 @@ import functools
 import os
 from typing import Mapping
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -100,6 +104,12 @@ def read_inter(path: str, user_field: str = "userID", item_field: str = "itemID"
   Returns:
     users [n] int64, items [n] int64, splits [n] int64 in {0, 1, 2}, in file order.
   """
+  return _read_inter(path, user_field, item_field, split_field)[:3]
+
+
+def _read_inter(path: str, user_field: str, item_field: str,
+                split_field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """read_inter's arrays and each row's line number in the file."""
   if not os.path.isfile(path):
     raise DataError(f"interaction file not found: {path}. {_WHERE_DATA_COMES_FROM}")
   with open(path, "r", encoding="utf-8") as f:
@@ -151,7 +161,7 @@ def read_inter(path: str, user_field: str = "userID", item_field: str = "itemID"
   if bad.size:
     raise DataError(f"{path}, line {line_numbers[bad[0]]}: field {split_field!r} must be 0 (train), 1 (valid) or "
                     f"2 (test), got {splits[bad[0]]}")
-  return users, items, splits
+  return users, items, splits, line_numbers
 
 
 def load_features(path: str, n_items: int) -> np.ndarray:
@@ -182,6 +192,61 @@ def load_features(path: str, n_items: int) -> np.ndarray:
   return array
 
 
+def check_id_range(ids: np.ndarray, path: str, field: str, lines: np.ndarray) -> None:
+  """Refuses ids far beyond the number of distinct ids (every id up to the largest gets a row of every table) and
+  warns about gaps; runs before anything of size max(id) is allocated."""
+  distinct = len(np.unique(ids))
+  top = int(ids.max())
+  limit = 10 * distinct + 1000
+  if top + 1 > limit:
+    at = int(np.argmax(ids))
+    raise DataError(f"{path}, line {lines[at]}: {field} {top} is far beyond the {distinct} distinct {field} values "
+                    f"(ids must be numbered 0..n-1; the largest allowed here is {limit - 1}): renumber the ids")
+  if top + 1 > distinct:
+    logging.warning("%s: %d of the %s values 0..%d never occur (gaps in the numbering): they become rows without "
+                    "interactions", path, top + 1 - distinct, field, top)
+
+
+def repeated_rows(users: np.ndarray, items: np.ndarray, splits: np.ndarray, lines: np.ndarray, path: str,
+                  drop: bool) -> np.ndarray:
+  """Boolean mask of the rows to keep: a (user, item) pair may occur once in the whole file.
+
+  A repeated row within a split, or a pair in two splits (a test pair that is also a train pair is masked at
+  evaluation and can never be hit), is an error; with `drop` (data.drop_duplicates) the first occurrence in the
+  earliest split (train, valid, test) is kept and the counts are logged.
+  """
+  n = len(users)
+  keys = users * (int(items.max()) + 1) + items  # ids are range-checked first, so this fits int64
+  order = np.lexsort((np.arange(n), splits, keys))
+  k, s = keys[order], splits[order]
+  repeat = np.zeros(n, bool)
+  repeat[1:] = k[1:] == k[:-1]
+  keep = np.ones(n, bool)
+  if not repeat.any():
+    return keep
+  first = np.maximum.accumulate(np.where(repeat, 0, np.arange(n)))  # each sorted row's group start
+  within = repeat & (s == s[first])
+  across = repeat & ~within
+  names = ("train", "valid", "test")
+  if not drop:
+    if within.any():
+      p = np.flatnonzero(within)[0]
+      a, b = order[first[p]], order[p]
+      raise DataError(f"{path}, line {lines[b]}: {names[s[p]]} row user {users[b]}, item {items[b]} repeats line "
+                      f"{lines[a]} ({int(within.sum())} repeated rows, {int(across.sum())} pairs in two splits; "
+                      "set --config.data.drop_duplicates=True to drop them)")
+    p = np.flatnonzero(across)[0]
+    a, b = order[first[p]], order[p]
+    raise DataError(f"{path}, line {lines[b]}: user {users[b]}, item {items[b]} is in {names[s[p]]} and in "
+                    f"{names[s[first[p]]]} (line {lines[a]}); {int(across.sum())} pairs are in two splits, which "
+                    "evaluation masks and can never count (set --config.data.drop_duplicates=True to keep only the "
+                    "earliest split's)")
+  keep[order[repeat]] = False
+  logging.warning("%s: dropped %d repeated rows and %d pairs already in an earlier split (data.drop_duplicates)",
+                  path, int(within.sum()), int(across.sum()))
+  return keep
+
+
 def _resolve(root: str, name: str) -> str:
   return name if os.path.isabs(name) else os.path.join(root, name)
 
@@ -195,9 +260,13 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   if not data_config.name:
     raise ValueError("config.data.name is empty: set it to the dataset name (the .inter file is <root>/<name>.inter)")
   inter_path = _resolve(root, data_config.inter_file or f"{data_config.name}.inter")
-  users, items, splits = read_inter(inter_path, data_config.user_field, data_config.item_field,
-                                    data_config.split_field)
+  users, items, splits, lines = _read_inter(inter_path, data_config.user_field, data_config.item_field,
+                                            data_config.split_field)
+  for ids, field in ((users, data_config.user_field), (items, data_config.item_field)):
+    check_id_range(ids, inter_path, field, lines)
   n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+  keep = repeated_rows(users, items, splits, lines, inter_path, data_config.get("drop_duplicates", False))
+  users, items, splits = users[keep], items[keep], splits[keep]
   pairs = np.stack([users, items], axis=1).astype(np.int32)
   train = pairs[splits == 0]
   if not len(train):
@@ -208,7 +277,11 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   for label, name in ((1, "valid"), (2, "test")):
     rows = pairs[splits == label]
     if data_config.filter_cold_start:
-      rows = rows[train_users[rows[:, 0]]]
+      cold = ~train_users[rows[:, 0]]
+      if cold.any():
+        logging.warning("%s: dropped %d %s rows of %d users without train rows (data.filter_cold_start)", inter_path,
+                        int(cold.sum()), name, len(np.unique(rows[cold, 0])))
+      rows = rows[~cold]
     if not len(rows):
       raise DataError(f"{inter_path}: the {name} split ({data_config.split_field} == {label}) is empty"
                       + (" after dropping users without train interactions" if data_config.filter_cold_start else ""))

@@ -1,4 +1,4 @@
-"""BPR training triplets (spec alignrec.md §5.4), vectorised in numpy.
+"""BPR training triplets (docs/method.md §5.4), vectorised in numpy.
 
 Each epoch visits every train interaction (user, positive item) once, in an order shuffled by a seeded
 `np.random.Generator`, in batches of the configured size. Each row gets one negative drawn uniformly from the items

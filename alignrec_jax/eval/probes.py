@@ -1,5 +1,4 @@
-"""The paper's intermediate evaluations of item feature tables (`--config.stage=probe`), spec alignrec.md §9 and
-decisions.md "Intermediate evaluation".
+"""The paper's intermediate evaluations of item feature tables (`--config.stage=probe`), docs/method.md §9.
 
   python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/probe_lfm2k --config.stage=probe \
     --config.probe.features="('all-MiniLM-L6-v2.npy','whisper.npy','vggish.npy','random:384')"

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation, computed exactly as the MMRec toolbox does (spec alignrec.md §8).
+"""Full-ranking evaluation, computed exactly as the MMRec toolbox does (docs/method.md §8).
 
 For every user of the valid (or test) split, all items are scored, the user's *train* items are masked (and nothing
 else: valid items stay candidates when testing, as in MMRec), and the top max(K) items are kept. Then, with

@@ -1,4 +1,4 @@
-"""AlignRec's objectives, one file per alignment of the paper (spec alignrec.md §5.5):
+"""AlignRec's objectives, one file per alignment of the paper (docs/method.md §5.5):
 
   ica.py  Inter-Content Alignment (stage 1): mask-then-predict pre-training of MMEnc (MLM + MIM, optional ITC).
   cca.py  Content-Category Alignment (stage 2): InfoNCE between the content (mm) view and the ID view of the

@@ -1,4 +1,4 @@
-"""Content-Category Alignment losses (spec alignrec.md §5.5): InfoNCE and the similarity-preserving loss.
+"""Content-Category Alignment losses (docs/method.md §5.5): InfoNCE and the similarity-preserving loss.
 
 Both compare each of this shard's rows with ALL rows of the whole batch (in-batch negatives / the B x B similarity
 matrix), so they take the shard's rows (`*_local`, [b, d]) and the whole batch's rows (`*_all`, [B, d]) with their

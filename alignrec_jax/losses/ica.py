@@ -1,4 +1,4 @@
-"""ICA pre-training objective of stage 1 (decisions.md "Stage 1"): mask-then-predict on image-text pairs.
+"""ICA pre-training objective of stage 1 (docs/method.md §2): mask-then-predict on image-text pairs.
 
 - MLM: cross-entropy of the original token at every masked text position (about 50% of an item's text tokens, at
   least one, as BEiT-3 does for image-text pairs). A "word" here is any text token that is not one of the

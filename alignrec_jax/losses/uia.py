@@ -1,4 +1,4 @@
-"""User-Item Alignment losses (spec alignrec.md §5.5): BPR, L2 on the final batch embeddings, user-item cosine.
+"""User-Item Alignment losses (docs/method.md §5.5): BPR, L2 on the final batch embeddings, user-item cosine.
 
 Each returns this shard's share of the whole batch's value: sum over the shard's rows, divided by the real row
 count `n_real` of the whole batch (or, for L2, by the configured batch size, as the reference does).

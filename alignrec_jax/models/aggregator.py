@@ -1,4 +1,4 @@
-"""AlignRec's Aggregator (spec alignrec.md §5.1-5.2): LightGCN on the user-item graph (ID view) and the
+"""AlignRec's Aggregator (docs/method.md §5.1-5.2): LightGCN on the user-item graph (ID view) and the
 behaviour-gated item-item branch (content view).
 
   X0 = [E_u; E_i];  X(l+1) = Â X(l);  H_id = mean(X0 .. X(L_ui))           -> h_id_u [U, d], h_id_i [I, d]

@@ -1,4 +1,4 @@
-"""AlignRec's stage-2 recommender (spec alignrec.md §5): Aggregator + Fuser, trained with the CCA and UIA losses.
+"""AlignRec's stage-2 recommender (docs/method.md §5): Aggregator + Fuser, trained with the CCA and UIA losses.
 
   L = BPR + w_ui (1 - mean cos(h_u, h_p)) + λ ½(‖h_u‖² + ‖h_p‖² + ‖h_n‖²) / batch_size
       + α [NCE(h_mm_i[p], h_id_i[p]) + NCE(h_mm_u[u], h_id_u[u])] + β ‖h_mm_i[p] h_mm_i[p]ᵀ − sg(cos F[p])‖_F / B

@@ -1,4 +1,4 @@
-"""AlignRec's Fuser (spec alignrec.md §5.3): h = h_id + h_mm (plain sum), or h_id + h_mm / side_emb_div."""
+"""AlignRec's Fuser (docs/method.md §5.3): h = h_id + h_mm (plain sum), or h_id + h_mm / side_emb_div."""
 
 import flax.linen as nn
 import jax

@@ -1,4 +1,4 @@
-"""MMEnc: a BEiT-3-style Multiway Transformer over an item's image and text (stage 1, decisions.md "Stage 1").
+"""MMEnc: a BEiT-3-style Multiway Transformer over an item's image and text (stage 1, docs/method.md §2).
 
 Input sequence of the joint image-text encoder, `T = 1 + P + L` positions:
   [visual CLS, P image patches, L text tokens (the text starts with its own [CLS] token id)]

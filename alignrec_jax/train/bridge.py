@@ -62,6 +62,9 @@ def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
   for name, table in arrays.items():
     path = os.path.join(workdir, NPY_NAMES[name])
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{NPY_NAMES[name]}-", suffix=".npy")
+    mask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
     with os.fdopen(fd, "wb") as f:
       np.save(f, table)
     os.replace(tmp, path)

@@ -11,9 +11,11 @@
   pretrain_history.json; every process takes part in the orbax checkpoint saves.
   Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
   batches an uninterrupted one would. Checkpoints (orbax, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
-  steps and at the end hold params, optimiser state and the logged history; a rerun resumes from the latest one and
-  returns at once when `pretrain.steps` are done. `pretrain.steps = 0` saves the randomly initialised encoder (the
-  baseline for "does pre-training help").
+  steps and at the end hold params, optimiser state, the logged history and checksums of the arrays; a rerun resumes
+  from the newest intact one (a damaged step is moved aside with a warning) and returns at once when
+  `pretrain.steps` are done. The workdir is locked while a stage runs, and a resume with other stage-1 settings is
+  refused (train/workdir.py). `pretrain.steps = 0` saves the randomly initialised encoder (the baseline for "does
+  pre-training help").
 
 `extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
   the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
@@ -41,6 +43,8 @@ from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
+from alignrec_jax.train import state as state_lib
+from alignrec_jax.train import workdir as workdir_lib
 
 _FEATURES_META = "features_meta.json"
 
@@ -53,9 +57,16 @@ def items_path(config) -> str:
 
 def _write_json(path: str, obj: Any) -> None:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+  os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
@@ -110,19 +121,43 @@ def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
+  """(params, opt_state, meta) of `step`, checksums verified; CheckpointError (one line) if damaged/incompatible."""
   target = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
+  where = f"pre-training checkpoint {step} in {manager.directory}"
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types for an incompatible or damaged checkpoint
-    raise ValueError(f"pre-training checkpoint {step} in {manager.directory} cannot be restored "
-                     f"({type(e).__name__}: {e}); it was written with another encoder size/config: use a fresh "
-                     "--workdir") from e
-  return restored["state"]["params"], restored["state"]["opt_state"], dict(restored["meta"])
+    raise state_lib.restore_failed(where, e) from e
+  meta = dict(restored["meta"])
+  state = jax.tree.map(np.asarray, restored["state"])
+  state_lib.verify(state, meta.pop("checksums", None), where)
+  state_lib.check_shapes(state, target, where)
+  return state["params"], state["opt_state"], meta
+
+
+def _restore_newest_intact(manager: ocp.CheckpointManager, params: Any, opt_state: Any):
+  """(step, params, opt_state, meta) of the newest intact step (damaged ones moved aside with a warning), or None."""
+  failed = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = _restore(manager, step, params, opt_state)
+    except state_lib.CheckpointError as e:
+      failed.append((step, str(e)))
+      logging.warning("%s; falling back to the previous checkpoint", e)
+      continue
+    for bad, _ in failed:  # moved only once an older step restores (else the encoder/config differs)
+      state_lib.quarantine(manager, str(manager.directory), bad)
+    return (step, *restored)
+  if failed:
+    raise state_lib.CheckpointError(f"no pre-training checkpoint in {manager.directory} can be restored (none was "
+                                    f"moved): {failed[-1][1]}; use a fresh --workdir for another encoder or config")
+  return None
 
 
 def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict) -> None:
   state = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
+  meta = dict(meta, checksums=state_lib.checksums(state))  # verified by _restore
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                force=True)
   manager.wait_until_finished()
@@ -146,8 +181,16 @@ def make_train_step(model: mmenc.MMEnc, tx: optax.GradientTransformation, loss_k
 
 def pretrain(config, workdir: str) -> dict:
   """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}."""
-  pre = config.pretrain
   os.makedirs(workdir, exist_ok=True)
+  main_process = distributed.is_main_process()
+  with workdir_lib.locked(workdir, main_process):
+    workdir_lib.check_or_record(config, os.path.join(os.path.abspath(workdir), "pretrain"), stage=1,
+                                main_process=main_process)
+    return _pretrain(config, workdir)
+
+
+def _pretrain(config, workdir: str) -> dict:
+  pre = config.pretrain
   # Process 0 first: it writes tokenizer.spm and the tfds dataset into the (shared) workdir, the others load them.
   tokenizer, items = distributed.main_process_first(_load_items, config, workdir)
   n_items = len(items["tokens"])
@@ -166,9 +209,10 @@ def pretrain(config, workdir: str) -> dict:
   manager = _checkpoint_manager(workdir)
   try:
     start, meta = 0, {"history": []}
-    latest = manager.latest_step()
-    if latest is not None:
-      params, opt_state, meta = _restore(manager, latest, params, opt_state)
+    newest = _restore_newest_intact(manager, params, opt_state)
+    latest = None if newest is None else newest[0]
+    if newest is not None:
+      _, params, opt_state, meta = newest
       if meta.get("tokenizer") != tokenizer.fingerprint():
         raise ValueError(f"{manager.directory}: the checkpoint was trained with another tokenizer than "
                          f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
@@ -276,6 +320,11 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
 
 def extract(config, workdir: str) -> dict:
   """Writes the feature table of every item (see the module docstring); returns {"n_items", "dim", "step"}."""
+  with workdir_lib.locked(workdir, distributed.is_main_process()):
+    return _extract(config, workdir)
+
+
+def _extract(config, workdir: str) -> dict:
   tokenizer, items = _load_items(config, workdir)
   n_items = len(items["tokens"])
   model, params, step = load_pretrained(config, workdir, tokenizer)

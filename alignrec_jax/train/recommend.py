@@ -2,14 +2,15 @@
 
   python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k
 
-Loop (spec alignrec.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
+Loop (docs/method.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
 optax.inject_hyperparams (no recompilation); one epoch = every train interaction once, in batches split over the
 devices (pmap, gradients summed; under `jax.distributed` every device of every process, each process feeding its
 devices' shards, see train/parallel.py); after every epoch the representations are computed once and the valid and
 test splits are ranked (users sharded over the processes, eval/ranking.py); early stopping on the valid metric
 (strict improvement; stop at the (stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test
-metrics are those of the best valid epoch. A NaN/Inf loss stops the run with an error; the checkpoint of the last
-good epoch stays.
+metrics are those of the best valid epoch. A NaN/Inf loss, or an epoch whose mean loss exceeds
+`train.divergence_factor` times the first step's, stops the run with an error; the checkpoint of the last good
+epoch stays.
 
 Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
 after the last finished epoch and ends exactly as an uninterrupted run. Every process takes part in the (orbax,
@@ -36,9 +37,11 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.data.sampler import BPRSampler
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
+from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
 from alignrec_jax.train import parallel
 from alignrec_jax.train import state as state_lib
+from alignrec_jax.train import workdir as workdir_lib
 
 
 def learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
@@ -56,7 +59,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
 
 def _fresh_meta() -> dict:
   return {"epoch": -1, "sampler_state": "", "best_value": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
-          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False}
+          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False, "first_loss": None}
 
 
 def _results(meta: dict, config) -> dict:
@@ -66,22 +69,49 @@ def _results(meta: dict, config) -> dict:
 
 
 def _check_config(config) -> None:
-  t = config.train
-  for key in ("batch_size", "epochs", "eval_every"):
-    if t[key] < 1:
-      raise ValueError(f"config.train.{key}={t[key]} must be >= 1")
-  if t.stopping_step < 0:
-    raise ValueError(f"config.train.stopping_step={t.stopping_step} must be >= 0")
-  if config.optim.lr <= 0 or config.optim.lr_decay_every <= 0:
-    raise ValueError(f"config.optim.lr={config.optim.lr} and lr_decay_every={config.optim.lr_decay_every} must be > 0")
-  if t.eval_every != 1:
-    raise ValueError("config.train.eval_every must be 1: early stopping counts evaluated epochs, as the reference")
+  checks.check_stage2(config)
+
+
+class DivergenceError(FloatingPointError):
+  """The loss stayed finite but grew by orders of magnitude: the run is stopped, never reported as a success."""
+
+
+def _check_divergence(config, meta: dict, epoch: int, mean_loss: float, ckpt) -> None:
+  """Stops the run when the epoch's mean loss exceeds `train.divergence_factor` times the first step's loss.
+
+  The reference is the untrained model's loss, not the first epoch's mean: a diverging lr (1e6) already lifts the
+  first epoch's mean by eleven orders of magnitude. Its magnitude is floored at 1 so that a loss that starts near
+  zero does not trip the guard. The diverged epoch is not checkpointed, so a rerun stops the same way."""
+  factor = float(config.train.divergence_factor)
+  reference = meta.get("first_loss")
+  if reference is None and meta["history"]:  # a checkpoint from before first_loss was recorded
+    reference = meta["history"][0]["loss"]
+  if not factor or reference is None:
+    return
+  limit = factor * max(abs(reference), 1.0)
+  if abs(mean_loss) > limit:
+    last = ckpt.latest_step()
+    raise DivergenceError(
+        f"the run diverged: epoch {epoch}'s mean loss {mean_loss:.4g} is above config.train.divergence_factor="
+        f"{factor:g} x the first step's loss {reference:.4g}; stopped without checkpointing it"
+        + (f" (the last checkpoint, after epoch {last - 1}, stays)" if last else "")
+        + ": lower config.optim.lr")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict."""
+  """Trains, evaluates and checkpoints in `workdir`; returns (and writes) the results dict.
+
+  Holds the workdir's lock and refuses to resume a checkpoint written with other settings (train/workdir.py), both
+  before any data loads."""
   _check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  main_process = distributed.is_main_process()
+  with workdir_lib.locked(workdir, main_process):
+    workdir_lib.check_or_record(config, os.path.join(workdir, "checkpoints"), stage=2, main_process=main_process)
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.data.get("synthetic", False):  # process 0 generates the default data once, the others then find it
     from alignrec_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the default data only)
     distributed.main_process_first(synthetic.ensure_synthetic_dataset, os.path.expanduser(config.data.root))
@@ -109,9 +139,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
   try:
     meta = _fresh_meta()
-    latest = ckpt.latest_step()
+    latest = ckpt.restore_latest(params, opt_state)  # the newest intact step; damaged ones are moved aside
     if latest is not None:
-      params, opt_state, meta = ckpt.restore(latest, params, opt_state)
+      _, params, opt_state, meta = latest
       sampler.set_state(meta["sampler_state"])
       logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
                    meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
@@ -176,10 +206,13 @@ def _train(config, model, carry, data, tx, sampler, ckpt, meta, devices) -> dict
             + (f"checkpoint (after epoch {last - 1}) is kept in {ckpt.directory}" if last else
                "state was never checkpointed (the first epoch failed)")
             + ": lower config.optim.lr or check the features")
+      if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
+        meta["first_loss"] = metrics["loss"]
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v
       n_steps += 1
     train_s = time.time() - t0
+    _check_divergence(config, meta, epoch, sums["loss"] / n_steps, ckpt)
 
     t0 = time.time()
     user_emb, item_emb = parallel.get_replicated(representations(p_params, p_eval_inputs), devices)

@@ -2,22 +2,126 @@
 
 A checkpoint (one per finished epoch, step = number of finished epochs) holds
   state: {"params", "opt_state"} (host copies; restored into the structure of a freshly initialised state)
-  meta:  JSON: epoch, the sampler's RNG state, early-stopping state (best valid value, best epoch, epochs without
-         improvement), the best epoch's valid and test metrics, the per-epoch history and `stopped_early`.
-The manager keeps the latest `keep_latest` checkpoints and the best one (the last epoch that improved the valid
-metric). Writes are synchronous and orbax finalises a step by an atomic rename, so a run killed at any moment leaves
-the previous complete checkpoint to resume from.
+  meta:  JSON: epoch, the sampler's RNG state, early-stopping state (best valid value, best epoch and its step,
+         epochs without improvement), the best epoch's valid and test metrics, the per-epoch history,
+         `stopped_early`, and a CRC32 of every saved array (`checksums`).
+After each save the manager keeps the latest `keep_latest` checkpoints and the best one, whose step the meta of
+every checkpoint names (`best_step`): the choice lives on disk, so a run resumed any number of times keeps the same
+best checkpoint as an uninterrupted one. Writes are synchronous and orbax finalises a step by an atomic rename, so a
+run killed at any moment leaves the previous complete checkpoint to resume from.
+
+Every restore recomputes the checksums of what it read. A damaged or unreadable latest step (a flipped byte, a
+deleted file) is moved to `<workdir>/damaged_checkpoints/` with a warning and the newest intact step is used.
 """
 
+import contextlib
+import logging as pylogging
 import os
+import sys
+import time
+import zlib
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
-_NOT_BEST = -1.0  # the "best_rank" metric of an epoch that did not improve
+from alignrec_jax.train import distributed
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used (damaged, missing, written by another model); the message is one line."""
+
+
+def checksums(tree: Any) -> dict:
+  """{leaf path: CRC32 of its dtype, shape and bytes} of a tree of host arrays."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{a.dtype.str}{a.shape}".encode())
+    out[jax.tree_util.keystr(path)] = f"{zlib.crc32(a.data, crc) & 0xFFFFFFFF:08x}"
+  return out
+
+
+def verify(tree: Any, expected: Optional[dict], where: str) -> None:
+  """Raises CheckpointError when `tree`'s checksums differ from `expected` (None: a checkpoint from before them)."""
+  if expected is None:
+    logging.warning("%s has no checksums (written by an older version): restored unverified", where)
+    return
+  got = checksums(tree)
+  bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+  if bad:
+    raise CheckpointError(f"{where} is damaged: {len(bad)} of {len(expected)} arrays differ from their saved checksums "
+                          f"(first: {bad[0]})")
+
+
+def check_shapes(restored: Any, target: Any, where: str) -> None:
+  """Raises CheckpointError when a restored array's shape differs from the freshly built one (another model or feature
+  width: orbax restores the saved shape whatever the target says)."""
+  want = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    key = jax.tree_util.keystr(path)
+    if key in want and np.shape(leaf) != want[key]:
+      raise CheckpointError(f"{where} was written by another model or feature width: {key} has shape "
+                            f"{np.shape(leaf)}, this config builds {want[key]}")
+
+
+class _MuteOrbaxErrors(pylogging.Filter):
+  """While a restore may fail, orbax and asyncio log the failure at length; the caller reports it in one line."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno < pylogging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_failures():
+  mute = _MuteOrbaxErrors()
+  handlers = list(pylogging.getLogger().handlers)  # handler filters also see records of child loggers
+  for h in handlers:
+    h.addFilter(mute)
+  try:
+    yield
+  finally:
+    for h in handlers:
+      h.removeFilter(mute)
+
+
+def _drop_closed_loop_noise() -> None:
+  """After a failed restore, tensorstore's pending reads complete into orbax's closed asyncio loop and each prints a
+  `RuntimeError: Event loop is closed` traceback (as an unraisable exception): noise that hides the one-line cause.
+  From then on only that exception is dropped; every other unraisable exception still reaches the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+def quarantine(manager: ocp.CheckpointManager, directory: str, step: int) -> None:
+  """Moves step `step` of `directory` to `<parent>/damaged_checkpoints/` (kept for inspection, out of orbax's way)."""
+  if distributed.is_main_process():
+    target = os.path.join(os.path.dirname(directory), "damaged_checkpoints",
+                          f"{os.path.basename(directory)}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(directory, str(step)), target)
+    logging.warning("moved the damaged checkpoint %d to %s", step, target)
+  distributed.barrier(f"quarantine:{step}")
+  manager.reload()
+
+
+def restore_failed(where: str, e: Exception) -> CheckpointError:
+  """The one-line error for an orbax restore that raised (a damaged or incompatible checkpoint)."""
+  _drop_closed_loop_noise()
+  cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+  return CheckpointError(f"{where} cannot be restored ({cause}); it is damaged or was written by another "
+                         "model/config")
 
 
 class Checkpointer:
@@ -27,57 +131,99 @@ class Checkpointer:
     if keep_latest < 1:
       raise ValueError(f"config.train.keep_checkpoints={keep_latest} must be >= 1")
     self.directory = os.path.abspath(directory)
-    policy = checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.preservation_policy.LatestN(n=keep_latest),
-        checkpoint_managers.preservation_policy.BestN(get_metric_fn=lambda m: m["best_rank"], n=1,
-                                                      keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
-                                           create=True)
+    self.keep_latest = keep_latest
+    # No orbax retention policy: which steps to keep depends on the best step recorded in the meta (save below).
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, params: Any, opt_state: Any, meta: dict, improved: bool, valid_value: float) -> None:
-    """Saves one finished epoch. `improved`: this epoch set a new best valid value (`valid_value`)."""
+  def save(self, step: int, params: Any, opt_state: Any, meta: dict, improved: bool = False,
+           valid_value: float = 0.0) -> None:
+    """Saves one finished epoch, then deletes every step but the latest `keep_latest` and `meta["best_step"]`.
+
+    `improved`/`valid_value` are accepted for older callers; the best step is read from the meta."""
+    del improved, valid_value
     state = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
-    rank = float(valid_value) if improved else _NOT_BEST
+    meta = dict(meta, checksums=checksums(state))
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      metrics={"best_rank": rank})
+                      force=True)
     self.manager.wait_until_finished()
+    steps = sorted(self.manager.all_steps())
+    keep = set(steps[-self.keep_latest:]) | {meta.get("best_step")}
+    for old in steps:
+      if old not in keep:
+        self.manager.delete(old)
 
   def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
-    """(params, opt_state, meta) of checkpoint `step`, in the structure of the `*_like` trees."""
+    """(params, opt_state, meta) of checkpoint `step`, in the structure of the `*_like` trees, checksums verified.
+
+    Raises CheckpointError (one line) for a missing, unreadable, damaged or incompatible step."""
     if step not in self.manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have: {self.manager.all_steps()})")
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have: {self.manager.all_steps()})")
     target = jax.tree.map(np.asarray, {"params": params_like, "opt_state": opt_state_like})
+    where = f"checkpoint {step} in {self.directory}"
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                    meta=ocp.args.JsonRestore()))
+      with _quiet_failures():
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                      meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
-      raise ValueError(f"checkpoint {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}); it was "
-                       "written by a different model/config or is damaged: use a fresh --workdir") from e
-    return restored["state"]["params"], restored["state"]["opt_state"], dict(restored["meta"])
+      raise restore_failed(where, e) from e
+    meta = dict(restored["meta"])
+    state = jax.tree.map(np.asarray, restored["state"])
+    verify(state, meta.pop("checksums", None), where)
+    check_shapes(state, target, where)
+    return state["params"], state["opt_state"], meta
+
+  def restore_latest(self, params_like: Any, opt_state_like: Any,
+                     quarantine: bool = True) -> Optional[tuple[int, Any, Any, dict]]:
+    """(step, params, opt_state, meta) of the newest intact checkpoint; None when there is none at all.
+
+    A step that cannot be restored is skipped with a warning and, with `quarantine`, once an older step restores,
+    moved to `<parent>/damaged_checkpoints/` so that the run can write that step again. Raises CheckpointError, moving
+    nothing, when no step restores (typically a checkpoint of another model or feature width)."""
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.restore(step, params_like, opt_state_like)
+      except CheckpointError as e:
+        failed.append((step, str(e)))
+        logging.warning("%s; falling back to the previous checkpoint", e)
+        continue
+      # Moved only once an older step restores: when none does, the model/config differs (nothing is damaged)
+      for bad, _ in failed if quarantine else ():
+        self._quarantine(bad)
+      return (step, *restored)
+    if failed:
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (none was moved): {failed[-1][1]}; "
+                            "use a fresh --workdir for another model or config")
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    quarantine(self.manager, self.directory, step)
 
   def close(self) -> None:
     self.manager.close()
 
 
 def restore_best_params(directory: str, params_like: Any, opt_state_like: Any) -> tuple[Any, dict]:
-  """(params, meta) of the best epoch's checkpoint under `directory` (e.g. `<workdir>/checkpoints`)."""
+  """(params, meta) of the best epoch's checkpoint under `directory` (e.g. `<workdir>/checkpoints`), verified.
+
+  Reads only: a damaged latest step is skipped (not moved) to find the recorded best step."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {directory} (train with this --workdir first)")
   ckpt = Checkpointer(directory)
   try:
-    steps = ckpt.manager.all_steps()
-    if not steps:
+    latest = ckpt.restore_latest(params_like, opt_state_like, quarantine=False)
+    if latest is None:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    step = ckpt.latest_step()
-    _, _, meta = ckpt.restore(step, params_like, opt_state_like)
+    step, params, _, meta = latest
     best = meta.get("best_step")
-    if best not in steps:
-      raise FileNotFoundError(f"the best epoch's checkpoint (step {best}) is missing from {directory}")
+    if best == step:
+      return params, meta
+    if best not in ckpt.manager.all_steps():
+      raise CheckpointError(f"the best epoch's checkpoint (step {best}) is missing from {directory}")
     params, _, best_meta = ckpt.restore(best, params_like, opt_state_like)
     return params, best_meta
   finally:

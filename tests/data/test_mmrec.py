@@ -140,3 +140,47 @@ def test_real_data_sets_load(name, stats):
   root = shared_data_dir(name)
   data = mmrec.load_dataset(_config(root, name=name))
   assert (data.n_users, data.n_items, len(data.train)) == stats
+
+
+def _rows(rows):
+  return "userID\titemID\trating\tx_label\n" + "".join(f"{u}\t{i}\t1\t{s}\n" for u, i, s in rows)
+
+
+_BASE_ROWS = [(0, 0, 0), (0, 1, 0), (0, 2, 1), (0, 3, 2), (1, 1, 0), (1, 3, 0), (1, 0, 1), (1, 2, 2)]
+
+
+def test_repeated_rows_are_an_error_naming_both_lines(tmp_path):
+  _write(tmp_path, _rows(_BASE_ROWS + [(1, 3, 0)]))  # line 10 repeats line 7
+  with pytest.raises(DataError, match=r"toy.inter, line 10: train row user 1, item 3 repeats line 7 \(1 repeated"):
+    mmrec.load_dataset(_config(tmp_path))
+
+
+def test_a_pair_in_train_and_test_is_an_error(tmp_path):
+  _write(tmp_path, _rows(_BASE_ROWS + [(0, 1, 2)]))  # (0, 1) is a train pair on line 3
+  with pytest.raises(DataError, match=r"line 10: user 0, item 1 is in test and in train \(line 3\); 1 pairs"):
+    mmrec.load_dataset(_config(tmp_path))
+
+
+def test_drop_duplicates_keeps_the_earliest_split_and_counts(tmp_path, caplog):
+  _write(tmp_path, _rows(_BASE_ROWS + [(1, 3, 0), (0, 1, 2), (0, 1, 1), (1, 0, 1)]))
+  data = mmrec.load_dataset(_config(tmp_path, drop_duplicates=True))
+  (tmp_path / "clean").mkdir()
+  clean = mmrec.load_dataset(_config(_write(tmp_path / "clean", _rows(_BASE_ROWS))))
+  for split in ("train", "valid", "test"):
+    np.testing.assert_array_equal(data.split(split), clean.split(split))
+  assert "dropped 2 repeated rows and 2 pairs already in an earlier split" in caplog.text
+
+
+def test_a_huge_id_is_refused_before_allocating(tmp_path):
+  _write(tmp_path, _rows(_BASE_ROWS + [(2_000_000_000, 0, 0)]))
+  with pytest.raises(DataError, match=r"line 10: userID 2000000000 is far beyond the 3 distinct userID values"):
+    mmrec.load_dataset(_config(tmp_path))
+
+
+def test_id_gaps_and_cold_start_drops_are_counted(tmp_path, caplog):
+  _write(tmp_path, _rows(_BASE_ROWS + [(5, 2, 1), (5, 3, 2)]))  # user 5: no train rows; users 2-4 never occur
+  data = mmrec.load_dataset(_config(tmp_path))
+  assert data.n_users == 6
+  assert "3 of the userID values 0..5 never occur" in caplog.text
+  assert "dropped 1 valid rows of 1 users without train rows" in caplog.text
+  assert "dropped 1 test rows of 1 users without train rows" in caplog.text

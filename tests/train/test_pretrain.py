@@ -58,12 +58,41 @@ def test_pretrain_logs_and_checkpoints(straight_run):
   assert summary["first"]["step"] == 1 and summary["last"]["step"] == 6
   for key in ("loss", "mlm", "mim", "mlm_acc", "items_per_s"):
     assert np.isfinite(summary["last"][key])
-  assert sorted(os.listdir(os.path.join(workdir, "pretrain"))) == ["4", "6"]
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "pretrain")) if n.isdigit()) == ["4", "6"]
   assert os.path.isfile(os.path.join(workdir, "tokenizer.spm"))
   assert os.path.isfile(os.path.join(workdir, "pretrain_history.json"))
   # a rerun of a finished run does nothing
   again = pretrain_lib.pretrain(config, workdir)
   assert again["last"] == summary["last"]
+
+
+def test_a_resume_with_another_stage1_setting_is_refused(straight_run):
+  from alignrec_jax.train import workdir as workdir_lib
+  _, config, workdir, _ = straight_run
+  changed = config.copy_and_resolve_references()
+  changed.pretrain.lr = 5e-3
+  changed.optim.lr = 0.5  # a stage-2 key: pre-training never reads it
+  with pytest.raises(workdir_lib.WorkdirError, match=r"other settings \(pretrain.lr: 0.001 -> 0.005\)"):
+    pretrain_lib.pretrain(changed, workdir)
+
+
+def test_a_damaged_latest_step_is_moved_aside_and_the_previous_one_resumed(straight_run, tmp_path, caplog):
+  import shutil
+  _, config, straight, _ = straight_run
+  workdir = tmp_path / "copy"
+  shutil.copytree(straight, workdir)
+  data = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "pretrain" / "6" / "state") for f in fs
+          if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep]
+  path = max(data, key=os.path.getsize)
+  blob = bytearray(open(path, "rb").read())
+  blob[len(blob) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(blob))
+  summary = pretrain_lib.pretrain(config, str(workdir))  # steps 5 and 6 again, from step 4
+  assert "pre-training checkpoint 6 in" in caplog.text and "falling back to the previous checkpoint" in caplog.text
+  assert os.listdir(workdir / "damaged_checkpoints") and summary["last"]["step"] == 6
+  _, resumed, _ = _params(config, str(workdir))
+  _, reference, _ = _params(config, straight)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, reference)
 
 
 def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypatch):
@@ -79,7 +108,7 @@ def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypat
   monkeypatch.setattr(pretrain_lib, "batch_indices", crash_at_step_3)
   with pytest.raises(KeyboardInterrupt):
     pretrain_lib.pretrain(config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, "pretrain"))) == ["2"]
+  assert sorted(n for n in os.listdir(os.path.join(workdir, "pretrain")) if n.isdigit()) == ["2"]
   monkeypatch.setattr(pretrain_lib, "batch_indices", real)
   summary = pretrain_lib.pretrain(config, workdir)
   assert summary["last"]["step"] == 6

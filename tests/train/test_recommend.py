@@ -110,12 +110,14 @@ def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
                                err_msg=part)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   root = write_dataset(tmp_path / "data")
   workdir = str(tmp_path / "run")
   recommend.run(tiny_config(root, epochs=2), workdir)
   config = tiny_config(root, epochs=4)
-  config.optim.lr = 1e30
+  # the lr explodes from epoch 2 on (a resume may not change optim.lr itself)
+  schedule = recommend.learning_rate
+  monkeypatch.setattr(recommend, "learning_rate", lambda optim, epoch: 1e30 if epoch >= 2 else schedule(optim, epoch))
   with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2.*last good checkpoint \(after epoch 1\)"):
     recommend.run(config, workdir)
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -123,6 +125,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert ckpt.latest_step() == 2
   finally:
     ckpt.close()
+
+
+def test_a_diverging_finite_loss_stops_the_run_with_an_error(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=3)
+  config.optim.lr = 1e6  # the loss stays finite (about 4e11 in the first epoch) but is no longer training
+  with pytest.raises(recommend.DivergenceError, match=r"the run diverged: epoch 0's mean loss .* above "
+                                                      r"config.train.divergence_factor=1000 x the first step's loss"):
+    recommend.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "results.json").exists()
+  assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):

@@ -1,0 +1,137 @@
+"""Every config value checked before any data loads, so that a typo fails in a second with one line naming the key
+instead of after an epoch with a bare KeyError/TypeError.
+
+`check_config(config)` checks the sections the chosen `config.stage` reads; each failure is a `ConfigError` whose
+message starts with the key (`config.eval.valid_metric='recall@25': ...`).
+"""
+
+import numbers
+
+STAGES = ("pretrain", "extract", "train", "all", "probe", "export")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def _fail(key: str, value, why: str):
+  raise ConfigError(f"config.{key}={value!r} {why}")
+
+
+def _int(config, key: str, minimum: int) -> int:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    _fail(key, value, "must be an integer")
+  if value < minimum:
+    _fail(key, value, f"must be >= {minimum}")
+  return int(value)
+
+
+def _number(config, key: str, low: float = None, high: float = None, low_open: bool = True) -> float:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    _fail(key, value, "must be a number")
+  value = float(value)
+  if value != value:
+    _fail(key, value, "must be a number, not nan")
+  if low is not None and (value <= low if low_open else value < low):
+    _fail(key, value, f"must be {'>' if low_open else '>='} {low}")
+  if high is not None and value > high:
+    _fail(key, value, f"must be <= {high}")
+  return value
+
+
+def _check_eval(config) -> None:
+  ev = config.eval
+  topk = ev.topk
+  if isinstance(topk, (str, bytes)) or not hasattr(topk, "__iter__") or not len(topk):
+    _fail("eval.topk", topk, "must be a non-empty tuple of positive integers, e.g. (5, 10, 20, 50)")
+  for k in topk:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+      _fail("eval.topk", tuple(topk), f"must hold positive integers, got {k!r}")
+  from alignrec_jax.eval import ranking  # pylint: disable=g-import-not-at-top  (jax: only once a stage runs)
+  metrics = ev.metrics
+  if isinstance(metrics, str) or not metrics or any(m not in ranking.METRICS for m in metrics):
+    _fail("eval.metrics", metrics, f"must be a non-empty tuple of {ranking.METRICS}")
+  name, _, k = str(ev.valid_metric).partition("@")
+  if name not in metrics or not k.isdigit():
+    _fail("eval.valid_metric", ev.valid_metric, f"must be <metric>@<k> with a metric of eval.metrics {tuple(metrics)}")
+  if int(k) not in tuple(topk):
+    _fail("eval.valid_metric", ev.valid_metric, f"has a cut-off ({k}) that eval.topk {tuple(topk)} does not evaluate")
+  _int(config, "eval.batch_users", 1)
+  for f in ev.popularity_groups:
+    if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < 1:
+      _fail("eval.popularity_groups", tuple(ev.popularity_groups), "fractions must lie strictly between 0 and 1")
+
+
+def check_stage2(config) -> None:
+  """The keys stage-2 training reads (also called by recommend.run, which other entry points use directly)."""
+  for key in ("train.batch_size", "train.epochs", "train.eval_every", "train.keep_checkpoints"):
+    _int(config, key, 1)
+  _int(config, "train.stopping_step", 0)
+  _int(config, "train.num_devices", 0)
+  if config.train.eval_every != 1:
+    _fail("train.eval_every", config.train.eval_every, "must be 1: early stopping counts evaluated epochs, as the "
+          "reference")
+  _number(config, "train.divergence_factor", 0.0, low_open=False)
+  _number(config, "optim.lr", 0.0)
+  _number(config, "optim.lr_decay", 0.0)
+  _number(config, "optim.lr_decay_every", 0.0)
+  _int(config, "seed", 0)
+  from alignrec_jax import models  # pylint: disable=g-import-not-at-top
+  if config.model.name not in models.registered():
+    _fail("model.name", config.model.name, f"is not a registered model {tuple(models.registered())}")
+  _int(config, "model.embedding_size", 1)
+  if not config.data.name:
+    _fail("data.name", config.data.name, "is empty: set the dataset name (the .inter file is <root>/<name>.inter)")
+  if not isinstance(config.data.get("drop_duplicates", False), bool):
+    _fail("data.drop_duplicates", config.data.drop_duplicates, "must be True or False")
+  from alignrec_jax.train import bridge  # pylint: disable=g-import-not-at-top
+  if config.data.features_variant not in bridge.VARIANTS:
+    _fail("data.features_variant", config.data.features_variant, f"must be one of {tuple(bridge.VARIANTS)}")
+  _check_eval(config)
+
+
+def _check_stage1(config) -> None:
+  pre = config.pretrain
+  from alignrec_jax.losses import ica  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
+  if pre.size not in mmenc.SIZES:
+    _fail("pretrain.size", pre.size, f"must be one of {tuple(mmenc.SIZES)}")
+  if pre.mim_target not in ica.MIM_TARGETS:
+    _fail("pretrain.mim_target", pre.mim_target, f"must be one of {tuple(sorted(ica.MIM_TARGETS))}")
+  for key in ("pretrain.image_size", "pretrain.patch_size", "pretrain.max_text_len", "pretrain.batch_size",
+              "pretrain.extract_batch_size", "pretrain.vocab_size"):
+    _int(config, key, 1)
+  if pre.image_size % pre.patch_size:
+    _fail("pretrain.image_size", pre.image_size, f"must be a multiple of pretrain.patch_size={pre.patch_size}")
+  _int(config, "pretrain.steps", 0)
+  _int(config, "pretrain.warmup_steps", 0)
+  _int(config, "train.num_devices", 0)
+  _int(config, "seed", 0)
+  _number(config, "pretrain.lr", 0.0)
+  for key in ("pretrain.text_mask_ratio", "pretrain.image_mask_ratio"):
+    _number(config, key, 0.0, 1.0, low_open=False)
+
+
+def check_config(config) -> None:
+  """Raises ConfigError naming the first bad key of what `config.stage` reads."""
+  stage = config.stage
+  if stage not in STAGES:
+    _fail("stage", stage, f"is not one of {STAGES}")
+  if stage in ("pretrain", "extract", "all"):
+    _check_stage1(config)
+  if stage in ("train", "all"):
+    check_stage2(config)
+  if stage == "probe":
+    from alignrec_jax.eval import probes  # pylint: disable=g-import-not-at-top
+    classes = config.probe.classes
+    if isinstance(classes, str) or any(c not in probes.CLASSES for c in classes):
+      _fail("probe.classes", classes, f"must be a tuple of {probes.CLASSES}")
+    _check_eval(config)
+    if "mask_modality" in classes:
+      check_stage2(config)

@@ -1,0 +1,186 @@
+"""A workdir belongs to one run: an exclusive lock while a stage runs in it, and the resolved config its checkpoints
+were written with.
+
+Lock: `<workdir>/.lock`, an advisory `flock` held for the whole run (the kernel drops it when the process dies, even
+by SIGKILL) and holding the holder's pid, host and start time. A second run on the workdir fails at once naming the
+holder; a lock file left by a dead process (its flock is gone) is taken over with a warning that names it. The lock
+is re-entrant within one process (main.py and the stage functions both take it) and only process 0 of a
+multi-process run takes it: all processes share one workdir.
+
+Stored config: `<checkpoint dir>/run_config.json`, written before the first checkpoint of a directory. A resume
+(the directory holds a finished checkpoint) with a config that differs from it in any key that can change what is
+trained is refused with one line listing the keys. Not compared, because they cannot change the checkpoint's
+numbers: `train.epochs` (a finished run may be continued), `stage`, logging and checkpoint-retention keys, the
+sections the directory's stage never reads (see `STAGE2_IGNORED` and `STAGE1_KEYS`) and other models' own sections
+(`model.<other model>.*`).
+"""
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+
+from absl import logging
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "run_config.json"
+
+# Stage 2 (`<workdir>/checkpoints`): every key except these prefixes.
+STAGE2_IGNORED = ("stage", "train.epochs", "train.log_every_steps", "train.keep_checkpoints", "pretrain.",
+                  "probe.")
+# Stage 1 (`<workdir>/pretrain`): only what pre-training reads (prefixes), minus logging/checkpoint cadence.
+STAGE1_KEYS = ("seed", "data.root", "data.items_file", "data.synthetic", "pretrain.", "train.num_devices")
+STAGE1_IGNORED = ("pretrain.log_every", "pretrain.checkpoint_every", "pretrain.extract_batch_size")
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is in use by another run, or holds a run with other settings; the message is one line."""
+
+
+_held = {}  # lock path -> [fd, depth] of the locks this process holds
+
+
+def _read_holder(fd: int) -> dict:
+  os.lseek(fd, 0, os.SEEK_SET)
+  text = os.read(fd, 4096).decode("utf-8", "replace")
+  try:
+    holder = json.loads(text)
+    return holder if isinstance(holder, dict) else {}
+  except ValueError:
+    return {}
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return "an unknown process"
+  return f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started', '?')})"
+
+
+def _acquire(path: str) -> int:
+  for _ in range(10):  # retried only when the file was replaced between open and flock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _read_holder(fd)
+      os.close(fd)
+      if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise WorkdirError(f"workdir {os.path.dirname(path)} is in use by {_describe(holder)}: wait for that run to "
+                           f"end or use another --workdir (lock file {path})") from None
+      raise
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:  # the previous holder removed the file after we opened it: lock the new one instead
+      os.close(fd)
+      continue
+    stale = _read_holder(fd)
+    if stale:
+      logging.warning("workdir %s: taking over the lock of %s, which is no longer running", os.path.dirname(path),
+                      _describe(stale))
+    mine = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(mine) + "\n").encode("utf-8"))
+    return fd
+  raise WorkdirError(f"could not lock {path}: it keeps being replaced by another process")
+
+
+@contextlib.contextmanager
+def locked(workdir: str, main_process: bool = True):
+  """Holds `<workdir>/.lock` for the body; raises WorkdirError at once when another live run holds it."""
+  if not main_process:
+    yield
+    return
+  path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+  if path in _held:
+    _held[path][1] += 1
+  else:
+    _held[path] = [_acquire(path), 1]
+  try:
+    yield
+  finally:
+    _held[path][1] -= 1
+    if not _held[path][1]:
+      fd = _held.pop(path)[0]
+      with contextlib.suppress(OSError):
+        os.unlink(path)  # while still locked: a waiting opener then sees a replaced file and retries
+      os.close(fd)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _matches(key: str, patterns) -> bool:
+  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def resolved_config(config) -> dict:
+  """The config as flat {"section.key": JSON value} (tuples become lists, as on disk)."""
+  return _flatten(json.loads(config.to_json_best_effort()))
+
+
+def _compared(flat: dict, stage: int) -> dict:
+  if stage == 1:
+    return {k: v for k, v in flat.items() if _matches(k, STAGE1_KEYS) and not _matches(k, STAGE1_IGNORED)}
+  # another model's own section (config.model.<other>.*) cannot change this model's run
+  own = f"model.{flat.get('model.name')}."
+  return {k: v for k, v in flat.items() if not _matches(k, STAGE2_IGNORED)
+          and not (k.startswith("model.") and k.count(".") >= 2 and not k.startswith(own))}
+
+
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds a finished orbax step (a folder named by its step number)."""
+  return os.path.isdir(directory) and any(n.isdigit() and os.path.isdir(os.path.join(directory, n))
+                                          for n in os.listdir(directory))
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON through a temporary file and a rename; the file gets the process's umask (e.g. 0644)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def check_or_record(config, directory: str, stage: int, main_process: bool = True) -> None:
+  """Refuses a resume of `directory` with other settings; records the config when the directory has no checkpoint.
+
+  Raises WorkdirError listing every differing key (stored -> now).
+  """
+  path = os.path.join(directory, CONFIG_NAME)
+  now = _compared(resolved_config(config), stage)
+  if has_checkpoint(directory):
+    if not os.path.isfile(path):
+      logging.warning("%s holds checkpoints but no %s (written by an older version): its settings cannot be "
+                      "checked; recording the current ones", directory, CONFIG_NAME)
+    else:
+      try:
+        with open(path, "r", encoding="utf-8") as f:
+          stored = _compared(_flatten(json.load(f)), stage)
+      except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is unreadable ({e}); use a fresh --workdir") from None
+      # keys only one side has (added or removed by a code update) keep their old behaviour: not compared
+      diff = [k for k in sorted(set(stored) & set(now)) if stored[k] != now[k]]
+      if diff:
+        changes = "; ".join(f"{k}: {stored[k]!r} -> {now[k]!r}" for k in diff)
+        raise WorkdirError(f"{directory} holds a run with other settings ({changes}); a resume may change only "
+                           "train.epochs: rerun with the stored values or use a fresh --workdir")
+      return
+  if main_process:
+    os.makedirs(directory, exist_ok=True)
+    write_json_atomic(path, json.loads(config.to_json_best_effort()))
