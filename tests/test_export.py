@@ -105,17 +105,17 @@ def test_a_user_with_fewer_unseen_items_than_k_gets_only_unseen_items(tmp_path):
     assert sorted(items[users == u]) == sorted(set(range(40)) - {i for v, i in train if v == u})
   config.model.embedding_size = 16  # not the trained model: a clear error, the export in place untouched
   before = open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read()
-  with pytest.raises(export.RunError, match="cannot be restored.*export with the config the run was trained with"):
+  with pytest.raises(export.RunError, match="another model or feature width.*export with the config the run was trained with"):
     cli.run(config, workdir)
   assert open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read() == before
 
 
 def test_export_of_a_resumed_run_equals_export_of_an_uninterrupted_one(tmp_path):
-  # Every checkpoint kept: whether the best one survives a resume is the checkpointer's concern (train/state.py).
-  config, resumed, _ = _train(tmp_path, "resumed", epochs=2, keep_checkpoints=4)
-  config, resumed, _ = _train(tmp_path, "resumed", epochs=4, keep_checkpoints=4)
+  # The default keep_checkpoints=1: the best step must survive the resume beside the latest one.
+  config, resumed, _ = _train(tmp_path, "resumed", epochs=2)
+  config, resumed, _ = _train(tmp_path, "resumed", epochs=4)
   cli.run(config, resumed)
-  config, whole, _ = _train(tmp_path, "whole", epochs=4, keep_checkpoints=4)
+  config, whole, _ = _train(tmp_path, "whole", epochs=4)
   cli.run(config, whole)
   a, b = (json.loads(open(os.path.join(w, "export", "manifest.json"), encoding="utf-8").read())
           for w in (resumed, whole))
