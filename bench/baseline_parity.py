@@ -89,6 +89,14 @@ def mean_std(values: list) -> dict:
   return {"mean": mean, "std": math.sqrt(var), "values": values}
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{dotted key: leaf} of nested dicts."""
+  out = {}
+  for key, value in tree.items():
+    out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return out
+
+
 def run_seed(config, workdir: str) -> dict:
   """results.json of one run in `workdir`, trained (or resumed) unless a finished run of the same config is there."""
   os.makedirs(workdir, exist_ok=True)
@@ -98,8 +106,10 @@ def run_seed(config, workdir: str) -> dict:
     with open(id_path, encoding="utf-8") as f:
       recorded = json.load(f)
     if recorded != identity:
-      differ = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
-      raise ValueError(f"{workdir} holds a run of another config (sections {differ} differ): use another --workdir")
+      old, new = flatten(recorded), flatten(identity)
+      differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+      raise ValueError(f"{workdir} holds a run of another config ({', '.join(differ[:3])}"
+                       f"{', ...' if len(differ) > 3 else ''} differ): use another --workdir")
     if os.path.exists(results_path):
       with open(results_path, encoding="utf-8") as f:
         return json.load(f)
