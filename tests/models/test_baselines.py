@@ -235,6 +235,30 @@ def test_bm3_target_dropout_is_keyed_and_scaled():
   assert float(loss(inputs)) == float(jax.jit(lambda: model.loss(params, inputs, other)[0])())
 
 
+def test_bm3_text_only_ignores_the_image_slot_like_the_authors_copy():
+  """text_only=True on image + text data is the model built on the text slot alone (the AlignRec authors' copy sets
+  its image features to None): same parameters, same loss and scores; with both slots the loss differs."""
+  both, text = toy_data(), toy_data()
+  text = RecData(text.name, text.n_users, text.n_items, text.train, text.valid, text.test,
+                 {"text": text.features["text"]})
+  batch = toy_batch(both, 20)
+  key = jax.random.PRNGKey(5)
+  got_model, got_inputs, got_params = build("bm3", both, toy_config(bm3__text_only=True))
+  want_model, want_inputs, want_params = build("bm3", text, toy_config())
+  assert sorted(got_params) == sorted(want_params) and "image_embedding" not in got_params
+  got = float(got_model.loss(got_params, got_model.epoch_inputs(got_inputs, key, 0), batch)[0])
+  want = float(want_model.loss(want_params, want_model.epoch_inputs(want_inputs, key, 0), batch)[0])
+  assert got == want
+  for a, b in zip(got_model.representations(got_params, got_inputs),
+                  want_model.representations(want_params, want_inputs)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  all_model, all_inputs, all_params = build("bm3", both, toy_config())
+  assert "image_embedding" in all_params
+  assert float(all_model.loss(all_params, all_model.epoch_inputs(all_inputs, key, 0), batch)[0]) != want
+  with pytest.raises(ValueError, match="text_only=True needs text features"):
+    get_model("bm3")(toy_config(bm3__text_only=True)).build_inputs(toy_data(text=False))
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_shards_add_up_to_the_whole_batch(name):
   """pmap over 4 devices with a padded batch: the shares' losses and gradients sum to the whole batch's."""
