@@ -105,7 +105,8 @@ def test_a_user_with_fewer_unseen_items_than_k_gets_only_unseen_items(tmp_path):
     assert sorted(items[users == u]) == sorted(set(range(40)) - {i for v, i in train if v == u})
   config.model.embedding_size = 16  # not the trained model: a clear error, the export in place untouched
   before = open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read()
-  with pytest.raises(export.RunError, match="another model or feature width.*export with the config the run was trained with"):
+  with pytest.raises(export.RunError,
+                     match="another model or feature width.*export with the config the run was trained with"):
     cli.run(config, workdir)
   assert open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read() == before
 
