@@ -65,15 +65,22 @@ def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   return tokenizer, content.load_all(source)
 
 
+def weight_decay_mask(params: Any) -> Any:
+  """True where AdamW decays the weight: the matrices of the linear maps and the patch convolution, and the text
+  embedding (BEiT-3's rule). Biases, LayerNorms, the position tables and the [CLS]/mask tokens are not decayed."""
+  def decays(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return names[-1] == "kernel" or (names[-1] == "embedding" and "text_embed" in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(pre, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to `pre.lr` and cosine decay to 1% of it; no weight decay on biases/norms/embeddings
-  of rank < 2."""
+  """AdamW with linear warm-up to `pre.lr` and cosine decay to 1% of it; weight decay as `weight_decay_mask`."""
   warmup = min(pre.warmup_steps, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(0.0, pre.lr, warmup, max(total_steps, warmup + 1),
                                                 end_value=0.01 * pre.lr)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=pre.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=pre.weight_decay, mask=weight_decay_mask))
 
 
 def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
@@ -263,7 +270,7 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)  # fixed shapes: one compilation
     img = np.concatenate([images[start:stop], np.zeros((pad,) + images.shape[1:], images.dtype)])
-    tok = np.concatenate([tokens[start:stop], np.zeros((pad,) + tokens.shape[1:], tokens.dtype)])
+    tok = np.concatenate([tokens[start:stop], np.full((pad,) + tokens.shape[1:], tokenizer.pad_id, tokens.dtype)])
     result = jax.device_get(run(params, img, tok))
     for k in out:
       out[k].append(result[k][:stop - start])

@@ -92,9 +92,9 @@ def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypat
 def test_extract_writes_the_bridge_once(straight_run):
   _, config, workdir, _ = straight_run
   info = pretrain_lib.extract(config, workdir)
-  assert info["n_items"] == N_ITEMS and info["dim"] == 128 and info["pretrain_step"] == 6
+  assert info["n_items"] == N_ITEMS and info["dim"] == 64 and info["pretrain_step"] == 6
   full = bridge.load_feature_table(workdir, N_ITEMS)
-  assert full.shape == (N_ITEMS, 128) and full.dtype == np.float32
+  assert full.shape == (N_ITEMS, 64) and full.dtype == np.float32
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "image_feat.npy")), full)
   masked_image = bridge.load_feature_table(workdir, N_ITEMS, "mask_image")
   masked_text = np.load(os.path.join(workdir, "image_feat_mask_text.npy"))
