@@ -11,8 +11,10 @@
   Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
   batches an uninterrupted one would. Checkpoints (orbax, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
   steps and at the end hold params, optimiser state and the logged history; a rerun resumes from the latest one and
-  returns at once when `pretrain.steps` are done. `pretrain.steps = 0` saves the randomly initialised encoder (the
-  baseline for "does pre-training help").
+  returns at once when `pretrain.steps` are done. `pretrain.init_from = DIR` (a fresh run only) starts from converted
+  BEiT-3 weights (train/init_from.py): the encoder is loaded, the MLM head is tied to the loaded text embedding and
+  the MIM (and optional [CLS] bag-of-words) heads start fresh. `pretrain.steps = 0` saves the initial encoder without
+  any ICA step: the randomly initialised one, or with init_from the released BEiT-3 itself ("BEiT-3 without ICA").
 
 `extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
   the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
@@ -38,6 +40,7 @@ from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
+from alignrec_jax.train import init_from
 from alignrec_jax.train import parallel
 
 _FEATURES_META = "features_meta.json"
@@ -179,11 +182,19 @@ def pretrain(config, workdir: str) -> dict:
       start = latest
       logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, manager.directory)
     else:
+      if pre.get("init_from", ""):
+        loaded, source = init_from.load(os.path.expanduser(pre.init_from), model)
+        params = init_from.apply(params, loaded)
+        opt_state = tx.init(params)
+        meta["init_from"] = {"dir": os.path.abspath(os.path.expanduser(pre.init_from)),
+                             "source": source.get("source", "")}
+        logging.info("pretrain: encoder initialised from %s (converted from %s)", pre.init_from,
+                     source.get("source", "?"))
       logging.info("pretrain: MMEnc-%s, %d parameters, %d items, vocab %d, %d device(s), batch %d", pre.size,
                    n_params, n_items, len(tokenizer), n_dev, pre.batch_size)
     meta.update(tokenizer=tokenizer.fingerprint(), n_items=n_items, n_params=n_params, size=pre.size)
     if start >= pre.steps:
-      if latest is None:  # steps = 0: keep the random initialisation as the checkpoint
+      if latest is None:  # steps = 0: keep the initial (random or loaded) encoder as the checkpoint
         _save(manager, 0, params, opt_state, meta)
       logging.info("pretrain: %d steps already done in %s", start, manager.directory)
       return _summary(meta)
