@@ -80,7 +80,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), decisions.md
   config.pretrain = pre = ml_collections.ConfigDict()
-  pre.size = "tiny"             # tiny (CPU) | base | large (BEiT-3's; models/mmenc.py SIZES)
+  pre.size = "tiny"             # tiny | small (CPU) | base | large (BEiT-3's; models/mmenc.py)
   pre.image_size = 32
   pre.patch_size = 8
   pre.max_text_len = 32

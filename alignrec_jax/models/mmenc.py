@@ -40,9 +40,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# layers, hidden, heads, FFN width. tiny = the shapes of the committed torchscale fixture (tests/fixtures).
+# layers, hidden, heads, FFN width. tiny = the shapes of the committed torchscale fixture (tests/fixtures); small =
+# a CPU size with more capacity (configs/ml100k_posters.py); base and large = the released BEiT-3 models.
 SIZES = {
     "tiny": dict(layers=2, hidden=64, heads=4, mlp=256),
+    "small": dict(layers=4, hidden=128, heads=4, mlp=512),
     "base": dict(layers=12, hidden=768, heads=12, mlp=3072),
     "large": dict(layers=24, hidden=1024, heads=16, mlp=4096),
 }
