@@ -126,3 +126,21 @@ def test_pth_reader_gives_the_npz_state_dict(tmp_path):
   assert sorted(read) == sorted(state)
   for k, v in state.items():
     np.testing.assert_array_equal(read[k], v)
+
+
+def test_cli_converts_and_bad_keys_are_one_line_errors_that_write_nothing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(FIXTURES))
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, **dict(_state(), **{"decoder.weight": np.zeros(3, np.float32)}))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "alignrec_jax.convert_beit3", *args], cwd=repo,
+                                     capture_output=True, text=True, timeout=600)
+  proc = run(f"--checkpoint={bad}", f"--out={tmp_path / 'bad_out'}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: unexpected key 'decoder.weight'")
+  assert not os.path.exists(tmp_path / "bad_out") and os.listdir(tmp_path) == ["bad.npz"]
+  proc = run(f"--checkpoint={STATE}", f"--out={tmp_path / 'tiny'}", "--image_size=48", "--max_text_len=12")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "vision positions interpolated bicubically 4x4 -> 6x6" in proc.stdout
+  assert init_from.read_meta(str(tmp_path / "tiny"))["image_size"] == 48
