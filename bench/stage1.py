@@ -9,8 +9,8 @@ device) and feature extraction (the jitted visual-[CLS] forward of the joint inp
 torch, torchscale and fairscale are importable; see tests/fixtures/make_beit3_fixture.py for the install): the same
 BEiT3 (unilm's configuration) on the same shapes, a forward with an MLM head tied to the text embedding and a
 linear pixel head on the patches, backward, AdamW step; and a no-grad forward for extraction. Inputs are random
-(speed does not depend on content); compilation (the JAX step's first two calls) and the first PyTorch step are excluded; the median of `--steps` timed
-steps is reported. Peak RSS is the process's maximum so far, taken after the JAX part and after the PyTorch part.
+(speed does not depend on content); compilation (the JAX step's first two calls) and the first PyTorch step are
+excluded; the median of `--steps` timed steps is reported. Peak RSS is the process's maximum so far, taken after the JAX part and after the PyTorch part.
 Ratios: jax_train_speedup = torch step time / JAX step time, jax_extract_speedup = JAX items/s / torch items/s.
 Ends with ONE JSON line.
 """
@@ -167,7 +167,8 @@ def bench_torch() -> dict:
       model(textual_tokens=tok, visual_tokens=img, text_padding_position=tok == PAD)["encoder_out"][:, 0].numpy()
   extract_s = _timed(extract, _STEPS.value)
   return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_train_s_per_step": train_s,
-          "torch_train_items_per_s": _BATCH.value / train_s, "torch_extract_items_per_s": _EXTRACT_BATCH.value / extract_s,
+          "torch_train_items_per_s": _BATCH.value / train_s,
+          "torch_extract_items_per_s": _EXTRACT_BATCH.value / extract_s,
           "peak_rss_mb_after_torch": _peak_rss_mb()}
 
 
