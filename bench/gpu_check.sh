@@ -21,5 +21,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   timeout 120 "$PYTHON" bench/stage2.py --feature_dim=768 2>&1 | tail -n 3
   timeout 240 "$PYTHON" bench/stage2.py --scale=elec --feature_dim=768 --max_steps=20 --epochs=1 --evals=1 2>&1 | tail -n 1
   timeout 60 "$PYTHON" bench/propagation.py 2>&1 | tail -n 1  # gather vs segment_sum on this GPU (model.propagation)
-  timeout 120 "$PYTHON" bench/stage1.py --steps=20 --base_steps=3 --base_batch=16 --vocab=64000 2>&1 | tail -n 3
+  timeout 240 "$PYTHON" bench/stage1.py --size=base --batch=32 --extract_batch=64 --steps=5 --torch=false 2>&1 | tail -n 3
 } | tee "$OUT/gpu_check.jsonl"

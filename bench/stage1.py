@@ -1,112 +1,195 @@
-"""Stage-1 speed on this machine: ICA pre-training and extraction throughput of MMEnc-tiny, size of MMEnc-base.
+"""Stage-1 speed, side by side: the JAX MMEnc (BEiT-3) against torchscale's BEiT3 in PyTorch on the same shapes.
 
-  python bench/stage1.py                     # tiny at configs/base.py's stage-1 settings, base at 224 px
-  python bench/stage1.py --base_steps=0      # skip the (slow on CPU) base step
+  python bench/stage1.py                                 # base size (12 x 768), 224 px, 128 tokens, batch 2
+  python bench/stage1.py --size=tiny --image_size=32 --patch_size=8 --text_len=32 --batch=64
+  python bench/stage1.py --torch=false                   # JAX only
 
-Inputs are random images and token ids of the configured shapes (throughput does not depend on content). Pre-training
-runs the real pmapped train step (`pretrain.make_train_step`) over `--devices` local devices (0 = all); extraction
-runs `pretrain.extract_features` (three variants per item, counted as three encodings). For `base` (12 x 768, 224 px,
-16 px patches) it reports the parameter count and the mean time of `--base_steps` train steps of batch
-`--base_batch` after one compile step. Ends with one JSON line.
+JAX: one ICA training step exactly as the trainer runs it (`pretrain.make_train_step`: masks, MLM + MIM, AdamW, one
+device) and feature extraction (the jitted visual-[CLS] forward of the joint input, items per second). PyTorch (when
+torch, torchscale and fairscale are importable; see tests/fixtures/make_beit3_fixture.py for the install): the same
+BEiT3 (unilm's configuration) on the same shapes, a forward with an MLM head tied to the text embedding and a
+linear pixel head on the patches, backward, AdamW step; and a no-grad forward for extraction. Inputs are random
+(speed does not depend on content); compilation (the JAX step's first two calls) and the first PyTorch step are
+excluded; the median of `--steps` timed steps is reported. Peak RSS is the process's maximum so far, taken after the JAX part and after the PyTorch part.
+Ratios: jax_train_speedup = torch step time / JAX step time, jax_extract_speedup = JAX items/s / torch items/s.
+Ends with ONE JSON line.
 """
 
+import importlib.util
 import json
 import os
+import resource
+import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
 
-_STEPS = flags.DEFINE_integer("steps", 20, "timed tiny pre-training steps (after a compile step)")
-_DEVICES = flags.DEFINE_integer("devices", 0, "local devices for pmap (0 = all)")
-_BASE_STEPS = flags.DEFINE_integer("base_steps", 2, "timed base train steps (0 = parameter count only)")
-_BASE_BATCH = flags.DEFINE_integer("base_batch", 4, "global batch of the base step")
-_VOCAB = flags.DEFINE_integer("vocab", 2000, "vocabulary size")
+_SIZE = flags.DEFINE_string("size", "base", "MMEnc size preset (models/mmenc.py SIZES)")
+_IMAGE = flags.DEFINE_integer("image_size", 224, "image size in pixels")
+_PATCH = flags.DEFINE_integer("patch_size", 16, "patch size in pixels")
+_TEXT = flags.DEFINE_integer("text_len", 128, "text tokens per item")
+_VOCAB = flags.DEFINE_integer("vocab", 64010, "vocabulary size (BEiT-3's sentencepiece: 64,010)")
+_BATCH = flags.DEFINE_integer("batch", 2, "items per training step")
+_EXTRACT_BATCH = flags.DEFINE_integer("extract_batch", 8, "items per extraction forward")
+_STEPS = flags.DEFINE_integer("steps", 3, "timed steps of each kind (after one untimed warm-up)")
+_TORCH = flags.DEFINE_bool("torch", True, "also time torchscale's BEiT3 when torch is importable")
+_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default)")
+
+PAD, CLS, SEP, MASK = 1, 0, 2, 3
 
 
-def _tokenizer(vocab):
-  """A sentencepiece tokenizer of exactly `vocab` ids (pieces w0, w1, ... behind the fairseq special tokens)."""
-  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
-  return content.Tokenizer.from_pieces([f"\u2581w{i}" for i in range(vocab - 5)])  # + <unk> <s> </s> <pad> <mask>
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _bench_train(config, vocab, steps, devices):
-  """(items/s, s/step, n_params) of `steps` pmapped ICA train steps."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _inputs(batch: int, seed: int):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, _VOCAB.value, (batch, _TEXT.value)).astype(np.int32)
+  tokens[:, 0], tokens[:, -1] = CLS, SEP
+  images = rng.integers(0, 256, (batch, _IMAGE.value, _IMAGE.value, 3), dtype=np.uint8)
+  return images, tokens
+
+
+def _timed(fn, steps: int, warmup: int = 1) -> float:
+  """Median seconds of `steps` calls of `fn` after `warmup` untimed calls (which compile)."""
+  start = time.perf_counter()
+  for _ in range(warmup):
+    fn()
+  print(f"  warm-up (compile) {time.perf_counter() - start:.1f} s", flush=True)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  print("  timed: " + ", ".join(f"{t:.3f}" for t in times) + " s", flush=True)
+  return statistics.median(times)
+
+
+def bench_jax() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.losses import ica  # pylint: disable=g-import-not-at-top
   from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.train import parallel  # pylint: disable=g-import-not-at-top
   from alignrec_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-  pre = config.pretrain
-  tokenizer = _tokenizer(vocab)
-  model = mmenc.make_mmenc(pre, len(tokenizer), tokenizer.pad_id)
-  tx = pretrain.make_optimizer(pre, 1000)
+  from configs import base  # pylint: disable=g-import-not-at-top
+
+  pre = base.get_base_config().pretrain
+  pre.update(size=_SIZE.value, image_size=_IMAGE.value, patch_size=_PATCH.value, max_text_len=_TEXT.value,
+             batch_size=_BATCH.value)
+  model = mmenc.make_mmenc(pre, _VOCAB.value, PAD)
   params = pretrain.init_params(model, jax.random.key(0))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  if not steps:
-    return None, None, n_params
-  n_dev = len(devices)
-  step_fn = pretrain.make_train_step(model, tx, pretrain._loss_kwargs(pre, tokenizer), devices)  # pylint: disable=protected-access
-  state = jax_utils.replicate((params, tx.init(params)), devices)
-  rng = np.random.default_rng(0)
-  per = pre.batch_size // n_dev
-  pieces = (tokenizer.unk_id + 1, tokenizer.mask_id)  # the ids of ordinary pieces
-  tokens = rng.integers(*pieces, (n_dev, per, pre.max_text_len)).astype(np.int32)
-  tokens[..., 0], tokens[..., -1] = tokenizer.cls_id, tokenizer.sep_id
-  batch = {"image": rng.integers(0, 256, (n_dev, per, pre.image_size, pre.image_size, 3), dtype=np.uint8),
-           "tokens": tokens}
-  times = []
-  for i in range(steps + 1):  # step 0 compiles
-    start = time.perf_counter()
-    *state, metrics = step_fn(*state, batch, jax.random.key(i))
+  tx = pretrain.make_optimizer(pre, 1000)
+  devices = jax.local_devices()[:1]
+  loss_kwargs = dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
+                     mim_target=ica.MIM_TARGETS[pre.mim_target], mask_id=MASK, special_ids=(PAD, CLS, SEP))
+  step_fn = pretrain.make_train_step(model, tx, loss_kwargs, devices)
+  state = list(parallel.replicate((params, tx.init(params)), devices))
+  images, tokens = _inputs(_BATCH.value, 0)
+  batch = {"image": images[None], "tokens": tokens[None]}
+  key = [0]
+
+  def train():
+    key[0] += 1
+    state[0], state[1], metrics = step_fn(state[0], state[1], batch, jax.random.key(key[0]))
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  per_step = float(np.mean(times[1:]))
-  return pre.batch_size / per_step, per_step, n_params
+  train_s = _timed(train, _STEPS.value, warmup=2)  # the second call compiles again for the step's own outputs
+
+  features = jax.jit(lambda p, i, t: model.apply({"params": p}, mmenc.normalize_images(i), t, method=model.features))
+  images, tokens = _inputs(_EXTRACT_BATCH.value, 1)
+  host_params = jax.device_put(params, devices[0])
+  extract_s = _timed(lambda: jax.block_until_ready(features(host_params, images, tokens)), _STEPS.value)
+  del ml_collections
+  return {"backend": jax.default_backend(), "device": devices[0].device_kind, "params": n_params,
+          "jax_train_s_per_step": train_s, "jax_train_items_per_s": _BATCH.value / train_s,
+          "jax_extract_items_per_s": _EXTRACT_BATCH.value / extract_s, "peak_rss_mb_after_jax": _peak_rss_mb()}
+
+
+def bench_torch() -> dict:
+  """torchscale's BEiT3 forward/backward + AdamW, and the no-grad forward; {} without torch/torchscale."""
+  spec = importlib.util.spec_from_file_location("_fixture", os.path.join(_REPO, "tests", "fixtures",
+                                                                          "make_beit3_fixture.py"))
+  fixture = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fixture)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    fixture._stub_timm()  # pylint: disable=protected-access
+    from torchscale.architecture.config import EncoderConfig  # pylint: disable=g-import-not-at-top
+    from torchscale.model.BEiT3 import BEiT3  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return {"torch_skipped": f"{type(e).__name__}: {e}"}
+  from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
+  if _THREADS.value:
+    torch.set_num_threads(_THREADS.value)
+  size = mmenc.SIZES[_SIZE.value]
+  args = EncoderConfig(img_size=_IMAGE.value, patch_size=_PATCH.value, vocab_size=_VOCAB.value, multiway=True,
+                       layernorm_embedding=False, normalize_output=True, no_output_layer=True,
+                       encoder_embed_dim=size["hidden"], encoder_attention_heads=size["heads"],
+                       encoder_ffn_embed_dim=size["mlp"], encoder_layers=size["layers"])
+  model = BEiT3(args)
+  mim_head = torch.nn.Linear(size["hidden"], _PATCH.value * _PATCH.value * 3)
+  opt = torch.optim.AdamW(list(model.parameters()) + list(mim_head.parameters()), lr=1e-4, weight_decay=0.05)
+  images, tokens = _inputs(_BATCH.value, 0)
+  img = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+  tok = torch.from_numpy(tokens).long()
+  n_patches = (_IMAGE.value // _PATCH.value) ** 2
+  masked = torch.rand(_BATCH.value, n_patches) < 0.4
+  pad = tok == PAD
+  pixel_target = torch.randn(_BATCH.value, n_patches, _PATCH.value * _PATCH.value * 3)
+
+  def train():
+    out = model(textual_tokens=tok, visual_tokens=img, text_padding_position=pad,
+                vision_masked_position=masked)["encoder_out"]
+    logits = out[:, 1 + n_patches:] @ model.text_embed.weight.T
+    mlm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok.reshape(-1))
+    mim = ((mim_head(out[:, 1:1 + n_patches]) - pixel_target) ** 2).mean()
+    opt.zero_grad()
+    (mlm + mim).backward()
+    opt.step()
+  model.train()
+  train_s = _timed(train, _STEPS.value)
+
+  images, tokens = _inputs(_EXTRACT_BATCH.value, 1)
+  img = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+  tok = torch.from_numpy(tokens).long()
+  model.eval()
+
+  def extract():
+    with torch.no_grad():
+      model(textual_tokens=tok, visual_tokens=img, text_padding_position=tok == PAD)["encoder_out"][:, 0].numpy()
+  extract_s = _timed(extract, _STEPS.value)
+  return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_train_s_per_step": train_s,
+          "torch_train_items_per_s": _BATCH.value / train_s,
+          "torch_extract_items_per_s": _EXTRACT_BATCH.value / extract_s,
+          "peak_rss_mb_after_torch": _peak_rss_mb()}
 
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.train import pretrain  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-
-  devices = jax.local_devices()[:_DEVICES.value or None]
-  config = base.get_base_config()
-  out = {"device": jax.devices()[0].device_kind, "n_devices": len(devices), "tiny_image_size": config.pretrain.image_size,
-         "tiny_patch_size": config.pretrain.patch_size, "tiny_text_len": config.pretrain.max_text_len,
-         "tiny_batch": config.pretrain.batch_size}
-  items_s, step_s, n_params = _bench_train(config, _VOCAB.value, _STEPS.value, devices)
-  out.update(tiny_params=n_params, tiny_pretrain_items_per_s=round(items_s, 1), tiny_pretrain_s_per_step=round(step_s, 4))
-
-  # extraction: all three variants of 1024 items (the jitted batch compiles once on the first call)
-  pre = config.pretrain
-  tokenizer = _tokenizer(_VOCAB.value)
-  model = mmenc.make_mmenc(pre, len(tokenizer), tokenizer.pad_id)
-  params = pretrain.init_params(model, jax.random.key(0))
-  rng = np.random.default_rng(1)
-  n = 1024
-  images = rng.integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8)
-  tokens = rng.integers(tokenizer.unk_id + 1, tokenizer.mask_id, (n, pre.max_text_len)).astype(np.int32)
-  pretrain.extract_features(model, params, images[:pre.extract_batch_size], tokens[:pre.extract_batch_size], tokenizer,
-                            pre.extract_batch_size)  # compile
-  start = time.perf_counter()
-  pretrain.extract_features(model, params, images, tokens, tokenizer, pre.extract_batch_size)
-  elapsed = time.perf_counter() - start
-  out.update(tiny_extract_items_per_s=round(n / elapsed, 1), tiny_extract_encodings_per_s=round(3 * n / elapsed, 1))
-
-  big = base.get_base_config()
-  big.pretrain.update(size="base", image_size=224, patch_size=16, max_text_len=32, batch_size=_BASE_BATCH.value)
-  base_devices = devices[:1] if _BASE_BATCH.value % len(devices) else devices
-  _, base_step_s, base_params = _bench_train(big, 64000, _BASE_STEPS.value, base_devices)
-  out.update(base_params=base_params, base_vocab=64000, base_batch=_BASE_BATCH.value,
-             base_s_per_step=None if base_step_s is None else round(base_step_s, 3))
-  print(json.dumps(out))
+  out = {"size": _SIZE.value, "image_size": _IMAGE.value, "patch_size": _PATCH.value, "text_len": _TEXT.value,
+         "vocab": _VOCAB.value, "batch": _BATCH.value, "extract_batch": _EXTRACT_BATCH.value, "steps": _STEPS.value}
+  out.update(bench_jax())
+  print(f"JAX ({out['backend']}): train {out['jax_train_s_per_step']:.3f} s/step "
+        f"({out['jax_train_items_per_s']:.2f} items/s), extraction {out['jax_extract_items_per_s']:.2f} items/s",
+        flush=True)
+  if _TORCH.value:
+    out.update(bench_torch())
+    if "torch_train_s_per_step" in out:
+      out["jax_train_speedup"] = out["torch_train_s_per_step"] / out["jax_train_s_per_step"]
+      out["jax_extract_speedup"] = out["jax_extract_items_per_s"] / out["torch_extract_items_per_s"]
+      print(f"PyTorch {out['torch']} ({out['torch_threads']} threads): train {out['torch_train_s_per_step']:.3f} "
+            f"s/step, extraction {out['torch_extract_items_per_s']:.2f} items/s", flush=True)
+      print(f"ratios: JAX train step {out['jax_train_speedup']:.2f}x faster than PyTorch (target >= 1), "
+            f"extraction {out['jax_extract_speedup']:.2f}x (target >= 1.5)", flush=True)
+  print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
 
 
 if __name__ == "__main__":

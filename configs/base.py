@@ -90,7 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), docs/method.md §2
   config.pretrain = pre = ml_collections.ConfigDict()
-  pre.size = "tiny"             # tiny | small | base
+  pre.size = "tiny"             # tiny | small (CPU) | base | large (BEiT-3's; models/mmenc.py)
   pre.image_size = 32
   pre.patch_size = 8
   pre.max_text_len = 32
@@ -99,9 +99,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.image_mask_ratio = 0.4
   pre.mlm_weight = 1.0
   pre.mim_weight = 1.0
-  pre.itc_weight = 0.0
+  # ITC and the [CLS] bag of words are this project's extensions, not the paper's ICA (MLM + MIM only); a
+  # paper-faithful run keeps both at 0
+  pre.itc_weight = 0.0          # extension: image-text contrastive term
   pre.itc_temperature = 0.07    # InfoNCE temperature of the optional ITC term
-  pre.cls_bow_weight = 0.0      # the item's words predicted from the visual [CLS] state (losses/ica.py)
+  pre.cls_bow_weight = 0.0      # extension: the item's words predicted from the visual [CLS] state (losses/ica.py)
   pre.tie_mlm_head = True       # MLM logits from the token embedding matrix (False: a separate projection)
   pre.mim_target = "pixels"     # pixels (per-patch normalised, MAE-style) | raw_pixels
   pre.batch_size = 64
@@ -110,6 +112,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.warmup_steps = 50
   pre.weight_decay = 0.05
   pre.dropout = 0.0
+  pre.vl_ffn_layers = 0         # top blocks with a vision-language FFN (not in the released BEiT-3 models)
+  pre.init_from = ""            # a converted BEiT-3 checkpoint (python -m alignrec_jax.convert_beit3) to start from
   pre.checkpoint_every = 100
   pre.log_every = 20
   pre.extract_batch_size = 128

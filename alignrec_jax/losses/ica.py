@@ -6,12 +6,14 @@
 - MIM: regression of the masked patches' targets (default: each patch's pixels normalised by the patch's own mean
   and variance, as MAE/SimMIM) on BEiT-style block-wise masked patches (about 40%). The target is pluggable: any
   `(images [B, H, W, 3], patch_size) -> [B, P, k]` function, with a matching head width.
-- ITC (optional, weight 0 by default): symmetric InfoNCE between the separately encoded image and text [CLS] states.
-- [CLS] bag of words (optional, weight 0 by default): from the visual [CLS] state of the same masked input, predict
-  every word of the item's text (cross-entropy against the text's word distribution). MLM and MIM are solved at the
-  token and patch positions and leave the [CLS] state, which is the item feature, nearly untrained; this term makes
-  it a bottleneck that must summarise the whole item (the RetroMAE/Condenser idea, with a bag-of-words decoder as
-  DupMAE uses), still mask-then-predict: half of the words it must name are masked at the input.
+- ITC (optional, weight 0 by default; this project's extension, not in the paper): symmetric InfoNCE between the
+  separately encoded image and text [CLS] states (BEiT-3's single-modality encodings: image alone, text alone).
+- [CLS] bag of words (optional, weight 0 by default; this project's extension, not in the paper): from the visual
+  [CLS] state of the same masked input, predict every word of the item's text (cross-entropy against the text's word
+  distribution). MLM and MIM are solved at the token and patch positions and leave the [CLS] state, which is the item
+  feature, nearly untrained; this term makes it a bottleneck that must summarise the whole item (the
+  RetroMAE/Condenser idea, with a bag-of-words decoder as DupMAE uses), still mask-then-predict: half of the words it
+  must name are masked at the input.
 
 Everything here is a pure function; masks are drawn from explicit RNG keys.
 """

@@ -14,8 +14,10 @@
   steps and at the end hold params, optimiser state, the logged history and checksums of the arrays; a rerun resumes
   from the newest intact one (a damaged step is moved aside with a warning) and returns at once when
   `pretrain.steps` are done. The workdir is locked while a stage runs, and a resume with other stage-1 settings is
-  refused (train/workdir.py). `pretrain.steps = 0` saves the randomly initialised encoder (the baseline for "does
-  pre-training help").
+  refused (train/workdir.py). `pretrain.init_from = DIR` (a fresh run only) starts from converted BEiT-3 weights
+  (train/init_from.py): the encoder is loaded, the MLM head is tied to the loaded text embedding and the MIM (and
+  optional [CLS] bag-of-words) heads start fresh. `pretrain.steps = 0` saves the initial encoder without any ICA
+  step: the randomly initialised one, or with init_from the released BEiT-3 itself ("BEiT-3 without ICA").
 
 `extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
   the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
@@ -42,6 +44,7 @@ from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
+from alignrec_jax.train import init_from
 from alignrec_jax.train import parallel
 from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
@@ -79,15 +82,22 @@ def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   return tokenizer, content.load_all(source)
 
 
+def weight_decay_mask(params: Any) -> Any:
+  """True where AdamW decays the weight: the matrices of the linear maps and the patch convolution, and the text
+  embedding (BEiT-3's rule). Biases, LayerNorms, the position tables and the [CLS]/mask tokens are not decayed."""
+  def decays(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return names[-1] == "kernel" or (names[-1] == "embedding" and "text_embed" in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(pre, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to `pre.lr` and cosine decay to 1% of it; no weight decay on biases/norms/embeddings
-  of rank < 2."""
+  """AdamW with linear warm-up to `pre.lr` and cosine decay to 1% of it; weight decay as `weight_decay_mask`."""
   warmup = min(pre.warmup_steps, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(0.0, pre.lr, warmup, max(total_steps, warmup + 1),
                                                 end_value=0.01 * pre.lr)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=pre.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=pre.weight_decay, mask=weight_decay_mask))
 
 
 def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
@@ -200,7 +210,7 @@ def _pretrain(config, workdir: str) -> dict:
     raise ValueError(f"config.pretrain.batch_size={pre.batch_size} must be divisible by the {n_dev} devices")
   if pre.batch_size > n_items:
     raise ValueError(f"config.pretrain.batch_size={pre.batch_size} exceeds the {n_items} items")
-  model = mmenc.make_mmenc(pre, len(tokenizer), tokenizer.pad_id)
+  model = mmenc.make_mmenc(pre, encoder_vocab_size(pre, tokenizer), tokenizer.pad_id)
   tx = make_optimizer(pre, pre.steps)
   params = init_params(model, jax.random.key(config.seed))
   opt_state = tx.init(params)
@@ -219,11 +229,19 @@ def _pretrain(config, workdir: str) -> dict:
       start = latest
       logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, manager.directory)
     else:
+      if pre.get("init_from", ""):
+        loaded, source = init_from.load(os.path.expanduser(pre.init_from), model)
+        params = init_from.apply(params, loaded)
+        opt_state = tx.init(params)
+        meta["init_from"] = {"dir": os.path.abspath(os.path.expanduser(pre.init_from)),
+                             "source": source.get("source", "")}
+        logging.info("pretrain: encoder initialised from %s (converted from %s)", pre.init_from,
+                     source.get("source", "?"))
       logging.info("pretrain: MMEnc-%s, %d parameters, %d items, vocab %d, %d device(s), batch %d", pre.size,
                    n_params, n_items, len(tokenizer), n_dev, pre.batch_size)
     meta.update(tokenizer=tokenizer.fingerprint(), n_items=n_items, n_params=n_params, size=pre.size)
     if start >= pre.steps:
-      if latest is None:  # steps = 0: keep the random initialisation as the checkpoint
+      if latest is None:  # steps = 0: keep the initial (random or loaded) encoder as the checkpoint
         _save(manager, 0, params, opt_state, meta)
       logging.info("pretrain: %d steps already done in %s", start, manager.directory)
       return _summary(meta)
@@ -271,9 +289,22 @@ def _summary(meta: dict) -> dict:
   return {"first": history[0] if history else None, "last": history[-1] if history else None}
 
 
+def encoder_vocab_size(pre, tokenizer: content.Tokenizer) -> int:
+  """Rows of the encoder's text embedding: the tokenizer's ids, or with `init_from` the converted checkpoint's rows
+  (BEiT-3's 64,010 rows hold beit3.spm's 64,002 ids; the last rows are never produced by the tokenizer)."""
+  if not pre.get("init_from", ""):
+    return len(tokenizer)
+  rows = int(init_from.read_meta(os.path.expanduser(pre.init_from))["vocab_size"])
+  if len(tokenizer) > rows:
+    raise content.DataError(f"config.pretrain.init_from={pre.init_from}: the checkpoint's text embedding has {rows} "
+                            f"rows, the tokenizer {len(tokenizer)} ids; use the tokenizer the checkpoint was "
+                            "trained with (--config.data.tokenizer=beit3.spm) or a smaller pretrain.vocab_size")
+  return rows
+
+
 def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple[mmenc.MMEnc, Any, int]:
   """(model, params, step) of the latest pre-training checkpoint in `workdir`."""
-  model = mmenc.make_mmenc(config.pretrain, len(tokenizer), tokenizer.pad_id)
+  model = mmenc.make_mmenc(config.pretrain, encoder_vocab_size(config.pretrain, tokenizer), tokenizer.pad_id)
   params = init_params(model, jax.random.key(config.seed))
   tx = make_optimizer(config.pretrain, config.pretrain.steps)
   manager = _checkpoint_manager(workdir)

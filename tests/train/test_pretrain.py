@@ -121,9 +121,9 @@ def test_crash_then_resume_matches_the_uninterrupted_run(straight_run, monkeypat
 def test_extract_writes_the_bridge_once(straight_run):
   _, config, workdir, _ = straight_run
   info = pretrain_lib.extract(config, workdir)
-  assert info["n_items"] == N_ITEMS and info["dim"] == 128 and info["pretrain_step"] == 6
+  assert info["n_items"] == N_ITEMS and info["dim"] == 64 and info["pretrain_step"] == 6
   full = bridge.load_feature_table(workdir, N_ITEMS)
-  assert full.shape == (N_ITEMS, 128) and full.dtype == np.float32
+  assert full.shape == (N_ITEMS, 64) and full.dtype == np.float32
   np.testing.assert_array_equal(np.load(os.path.join(workdir, "image_feat.npy")), full)
   masked_image = bridge.load_feature_table(workdir, N_ITEMS, "mask_image")
   masked_text = np.load(os.path.join(workdir, "image_feat_mask_text.npy"))
@@ -198,3 +198,61 @@ def test_bridge_errors(tmp_path):
   bridge.save_feature_table(str(tmp_path), {"full": np.ones((5, 3))})  # replaces the broken one
   with pytest.raises(DataError, match="has no 'mask_text' table"):
     bridge.load_feature_table(str(tmp_path), 5, "mask_text")
+
+
+def _beit3_meta(model) -> dict:
+  return dict(vocab_size=model.vocab_size, hidden=model.hidden, layers=model.layers, heads=model.heads, mlp=model.mlp,
+              patch_size=model.patch_size, image_size=model.image_size, max_text_len=model.max_text_len + 4)
+
+
+def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tmp_path):
+  from alignrec_jax.train import init_from
+  root, _, _, _ = straight_run
+  config = _config(root, steps=0)
+  plain = str(tmp_path / "plain")
+  pretrain_lib.pretrain(config, plain)
+  model, fresh, _ = _params(config, plain)
+  # "converted" weights: the fresh encoder shifted, with a longer text table that loading truncates
+  rng = np.random.default_rng(0)
+  weights = jax.tree.map(lambda x: np.asarray(x) + rng.normal(size=x.shape).astype(np.float32), fresh["beit3"])
+  table = weights["encoder"]["embed_positions"]["B"]["embedding"]
+  weights["encoder"]["embed_positions"]["B"]["embedding"] = np.concatenate([table, np.ones((4, table.shape[1]),
+                                                                                          np.float32)])
+  init_from.save(str(tmp_path / "converted"), weights, _beit3_meta(model))
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "converted")
+  loaded_dir = str(tmp_path / "loaded")
+  pretrain_lib.pretrain(config, loaded_dir)  # steps = 0: the loaded encoder itself, no ICA
+  _, params, step = _params(config, loaded_dir)
+  assert step == 0
+  weights["encoder"]["embed_positions"]["B"]["embedding"] = table
+  jax.tree.map(np.testing.assert_array_equal, params["beit3"], weights)
+  for head in ("mim_proj", "mim_ln", "mlm_ln", "mlm_bias"):  # the heads keep their fresh initialisation
+    jax.tree.map(np.testing.assert_array_equal, params[head], fresh[head])
+  # and the extracted features are those of the loaded encoder
+  info = pretrain_lib.extract(config, loaded_dir)
+  assert info["pretrain_step"] == 0
+  pretrain_lib.extract(config, plain)
+  loaded_features = bridge.load_feature_table(loaded_dir, N_ITEMS)
+  assert np.abs(loaded_features - bridge.load_feature_table(plain, N_ITEMS)).max() > 1e-3
+  # a checkpoint of another architecture is a one-line error naming the field
+  wrong = _beit3_meta(model)
+  wrong["vocab_size"] += 1
+  init_from.save(str(tmp_path / "wrong"), jax.tree.map(np.asarray, fresh["beit3"]), wrong)
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "wrong")
+  with pytest.raises(DataError, match=f"has vocab_size={wrong['vocab_size']}, the model {model.vocab_size}"):
+    pretrain_lib.pretrain(config, str(tmp_path / "wrong_run"))
+
+
+def test_weight_decay_skips_biases_norms_positions_and_tokens(straight_run):
+  _, config, workdir, _ = straight_run
+  _, params, _ = _params(config, workdir)
+  mask = pretrain_lib.weight_decay_mask(params)
+  b3 = mask["beit3"]
+  assert b3["text_embed"]["embedding"] and b3["vision_embed"]["proj"]["kernel"]
+  assert b3["encoder"]["layers_0"]["self_attn"]["q_proj"]["A"]["kernel"] and mask["mim_proj"]["kernel"]
+  assert not b3["vision_embed"]["proj"]["bias"] and not b3["vision_embed"]["cls_token"]
+  assert not b3["vision_embed"]["mask_token"] and not b3["encoder"]["embed_positions"]["A"]["embedding"]
+  assert not b3["encoder"]["embed_positions"]["B"]["embedding"] and not mask["mlm_bias"]
+  assert not b3["encoder"]["layers_0"]["ffn"]["B"]["ffn_layernorm"]["scale"]

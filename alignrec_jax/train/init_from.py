@@ -1,0 +1,135 @@
+"""Converted BEiT-3 weights on disk (written by `python -m alignrec_jax.convert_beit3`, read by
+`--config.pretrain.init_from=DIR`).
+
+DIR is an orbax checkpoint (step 0) with two items:
+  params: the `beit3` subtree of MMEnc's parameters (models/mmenc.py), numpy float32
+  meta:   JSON: format, the architecture (vocab_size, hidden, layers, heads, mlp, patch_size, image_size,
+          max_text_len), the source file and what the conversion did (dropped head keys, interpolation, truncation)
+Pre-training starts from these encoder weights; the heads MMEnc adds (MLM LayerNorm and bias, the MIM head, the
+optional [CLS] bag-of-words head) keep their fresh initialisation, and the MLM logits come from the loaded text
+embedding (tied head).
+"""
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.models import mmenc
+
+FORMAT = "alignrec_jax/beit3/1"
+ARCH_KEYS = ("vocab_size", "hidden", "layers", "heads", "mlp", "patch_size", "image_size", "max_text_len")
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("params", "meta"))
+
+
+def beit3_shapes(meta: dict) -> Any:
+  """ShapeDtypeStructs of the `beit3` parameters of the architecture that `meta` describes."""
+  model = mmenc.BEiT3(**{k: meta[k] for k in ARCH_KEYS})
+  images = jnp.zeros((1, meta["image_size"], meta["image_size"], 3), jnp.float32)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, images))["params"]
+
+
+def save(out: str, params: Any, meta: dict) -> None:
+  """Writes `params` (the beit3 tree) and `meta` as DIR `out`, all at once: a failure leaves no `out` behind."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out):
+    raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-beit3-")
+  try:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    manager = ocp.CheckpointManager(tmp, options=options, item_names=("params", "meta"))
+    state = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(dict(meta, format=FORMAT))))
+    manager.wait_until_finished()
+    manager.close()
+    if os.path.isdir(out):
+      os.rmdir(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_meta(directory: str) -> dict:
+  if not os.path.isdir(directory):
+    raise DataError(f"config.pretrain.init_from={directory}: no such directory (write it with "
+                    "python -m alignrec_jax.convert_beit3 --checkpoint=... --out=DIR)")
+  manager = _manager(directory)
+  try:
+    if manager.latest_step() is None:
+      raise DataError(f"config.pretrain.init_from={directory}: not a converted BEiT-3 checkpoint (no orbax step)")
+    meta = dict(manager.restore(manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  finally:
+    manager.close()
+  if meta.get("format") != FORMAT:
+    raise DataError(f"config.pretrain.init_from={directory}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
+  """(beit3 params fitted to `model`, meta) from a converted checkpoint; any architecture mismatch is a DataError
+  that names the field. A longer text position table than the model's is truncated."""
+  meta = read_meta(directory)
+  want = dict(vocab_size=model.vocab_size, hidden=model.hidden, layers=model.layers, heads=model.heads,
+              mlp=model.mlp, patch_size=model.patch_size, image_size=model.image_size)
+  where = f"config.pretrain.init_from={directory}"
+  hints = {"vocab_size": "the tokenizer's vocabulary (--config.data.tokenizer / pretrain.vocab_size)",
+           "image_size": "config.pretrain.image_size (or convert again with --image_size)",
+           "patch_size": "config.pretrain.patch_size"}
+  for key, value in want.items():
+    if meta[key] != value:
+      raise DataError(f"{where}: the checkpoint has {key}={meta[key]}, the model {value} "
+                      f"({hints.get(key, 'config.pretrain.size')})")
+  if meta["max_text_len"] < model.max_text_len:
+    raise DataError(f"{where}: the checkpoint holds {meta['max_text_len']} text positions, config.pretrain."
+                    f"max_text_len={model.max_text_len} needs more")
+  manager = _manager(directory)
+  try:
+    target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), beit3_shapes(meta))
+    params = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+  finally:
+    manager.close()
+  params = jax.tree.map(np.asarray, params)
+  table = params["encoder"]["embed_positions"]["B"]["embedding"]
+  params["encoder"]["embed_positions"]["B"]["embedding"] = table[:model.max_text_len + 2]
+  return params, meta
+
+
+def apply(params: Any, beit3_params: Any) -> Any:
+  """MMEnc parameters with the `beit3` subtree taken from the loaded one. Only the opt-in vision-language FFN
+  (`ffn/VL`, absent from the released models) keeps its fresh initialisation; shapes must agree."""
+  loaded = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(beit3_params)}
+  used = set()
+
+  def take(path, old):
+    key = jax.tree_util.keystr(path)
+    if key not in loaded:
+      if "'VL'" in key:
+        return old
+      raise DataError(f"init_from: the checkpoint has no weights for beit3{key}")
+    new = loaded[key]
+    if tuple(new.shape) != tuple(old.shape):
+      raise DataError(f"init_from: beit3{key} has shape {tuple(new.shape)}, the model {tuple(old.shape)}")
+    used.add(key)
+    return jnp.asarray(new, old.dtype)
+  out = dict(params)
+  out["beit3"] = jax.tree_util.tree_map_with_path(take, params["beit3"])
+  extra = sorted(set(loaded) - used)
+  if extra:
+    raise DataError(f"init_from: the checkpoint's beit3{extra[0]} has no slot in the model")
+  return out
