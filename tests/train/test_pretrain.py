@@ -237,12 +237,42 @@ def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tm
   assert np.abs(loaded_features - bridge.load_feature_table(plain, N_ITEMS)).max() > 1e-3
   # a checkpoint of another architecture is a one-line error naming the field
   wrong = _beit3_meta(model)
-  wrong["vocab_size"] += 1
+  wrong["layers"] += 1
   init_from.save(str(tmp_path / "wrong"), jax.tree.map(np.asarray, fresh["beit3"]), wrong)
   with config.unlocked():
     config.pretrain.init_from = str(tmp_path / "wrong")
-  with pytest.raises(DataError, match=f"has vocab_size={wrong['vocab_size']}, the model {model.vocab_size}"):
+  with pytest.raises(DataError, match=f"has layers={wrong['layers']}, the model {model.layers}"):
     pretrain_lib.pretrain(config, str(tmp_path / "wrong_run"))
+  # a text embedding with fewer rows than the tokenizer has ids cannot hold its tokens (more rows are fine: BEiT-3's
+  # 64,010 rows hold beit3.spm's 64,002 ids)
+  small = _beit3_meta(model)
+  small["vocab_size"] -= 1
+  init_from.save(str(tmp_path / "small"), jax.tree.map(np.asarray, fresh["beit3"]), small)
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "small")
+  with pytest.raises(DataError, match=f"text embedding has {small['vocab_size']} rows, the tokenizer "
+                                      f"{model.vocab_size} ids"):
+    pretrain_lib.pretrain(config, str(tmp_path / "small_run"))
+
+
+def test_init_from_a_checkpoint_with_more_embedding_rows_than_tokenizer_ids_loads_them_all(straight_run, tmp_path):
+  from alignrec_jax.train import init_from
+  root, _, _, _ = straight_run
+  config = _config(root, steps=0)
+  plain = str(tmp_path / "plain")
+  pretrain_lib.pretrain(config, plain)
+  model, fresh, _ = _params(config, plain)
+  weights = jax.tree.map(np.asarray, fresh["beit3"])
+  embedding = weights["text_embed"]["embedding"]
+  weights["text_embed"]["embedding"] = np.concatenate([embedding, np.full((3, embedding.shape[1]), 7, np.float32)])
+  meta = _beit3_meta(model)
+  meta["vocab_size"] += 3
+  init_from.save(str(tmp_path / "wider"), weights, meta)
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "wider")
+  pretrain_lib.pretrain(config, str(tmp_path / "wider_run"))
+  _, params, _ = _params(config, str(tmp_path / "wider_run"))
+  np.testing.assert_array_equal(params["beit3"]["text_embed"]["embedding"], weights["text_embed"]["embedding"])
 
 
 def test_weight_decay_skips_biases_norms_positions_and_tokens(straight_run):
