@@ -205,13 +205,18 @@ def _beit3_meta(model) -> dict:
               patch_size=model.patch_size, image_size=model.image_size, max_text_len=model.max_text_len + 4)
 
 
-def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tmp_path):
-  from alignrec_jax.train import init_from
-  root, _, _, _ = straight_run
+def _fresh_encoder(root, tmp_path):
+  """(steps=0 config, its workdir, model, params): a randomly initialised encoder saved without any ICA step."""
   config = _config(root, steps=0)
   plain = str(tmp_path / "plain")
   pretrain_lib.pretrain(config, plain)
   model, fresh, _ = _params(config, plain)
+  return config, plain, model, fresh
+
+
+def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tmp_path):
+  from alignrec_jax.train import init_from
+  config, plain, model, fresh = _fresh_encoder(straight_run[0], tmp_path)
   # "converted" weights: the fresh encoder shifted, with a longer text table that loading truncates
   rng = np.random.default_rng(0)
   weights = jax.tree.map(lambda x: np.asarray(x) + rng.normal(size=x.shape).astype(np.float32), fresh["beit3"])
@@ -257,11 +262,7 @@ def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tm
 
 def test_init_from_a_checkpoint_with_more_embedding_rows_than_tokenizer_ids_loads_them_all(straight_run, tmp_path):
   from alignrec_jax.train import init_from
-  root, _, _, _ = straight_run
-  config = _config(root, steps=0)
-  plain = str(tmp_path / "plain")
-  pretrain_lib.pretrain(config, plain)
-  model, fresh, _ = _params(config, plain)
+  config, _, model, fresh = _fresh_encoder(straight_run[0], tmp_path)
   weights = jax.tree.map(np.asarray, fresh["beit3"])
   embedding = weights["text_embed"]["embedding"]
   weights["text_embed"]["embedding"] = np.concatenate([embedding, np.full((3, embedding.shape[1]), 7, np.float32)])
