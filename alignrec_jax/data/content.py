@@ -21,13 +21,13 @@ import dataclasses
 import hashlib
 import io
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import DataError
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
@@ -213,13 +213,8 @@ class Tokenizer:
     """Writes the sentencepiece model (`.spm`, the format `load` and sentencepiece read) atomically."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".spm")
-    mask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-    with os.fdopen(fd, "wb") as f:
+    with atomic.atomic_open(path, "wb") as f:
       f.write(self.model_proto)
-    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str, key: str = "") -> "Tokenizer":

@@ -9,12 +9,12 @@ either the complete table or no table. `load_feature_table` restores one variant
 
 import os
 import shutil
-import tempfile
 from typing import Mapping
 
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.train import distributed
 
@@ -60,14 +60,8 @@ def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
   if not main:
     return
   for name, table in arrays.items():
-    path = os.path.join(workdir, NPY_NAMES[name])
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{NPY_NAMES[name]}-", suffix=".npy")
-    mask = os.umask(0o022)  # mkstemp creates 0600: give the file the mode open() would
-    os.umask(mask)
-    os.fchmod(fd, 0o666 & ~mask)
-    with os.fdopen(fd, "wb") as f:
+    with atomic.atomic_open(os.path.join(workdir, NPY_NAMES[name]), "wb") as f:
       np.save(f, table)
-    os.replace(tmp, path)
 
 
 def has_feature_table(workdir: str, n_items: int) -> bool:

@@ -28,7 +28,6 @@
 
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -39,6 +38,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data import content
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
@@ -59,17 +59,8 @@ def items_path(config) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-  os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the mode open() would
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
+  with atomic.atomic_open(path) as f:
     json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:

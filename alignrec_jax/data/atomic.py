@@ -1,0 +1,28 @@
+"""One atomic file write for the results, tables and models the package leaves behind.
+
+The file appears at its path only once completely written (a temporary file in the same folder, then a rename), with
+the mode a plain open() would give it under the process's umask: `tempfile.mkstemp` alone creates 0600, which hides
+results from the rest of the group.
+"""
+
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w"):
+  """A file object to write `path` through; the file replaces `path` when the block ends without an error."""
+  directory = os.path.dirname(os.path.abspath(path))
+  name = os.path.basename(path)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-", suffix=os.path.splitext(name)[1])
+  mask = os.umask(0o022)  # read the umask (os.umask sets and returns it), then put it back
+  os.umask(mask)
+  os.fchmod(fd, 0o666 & ~mask)
+  try:
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      yield f
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  os.replace(tmp, path)
