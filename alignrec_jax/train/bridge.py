@@ -1,22 +1,29 @@
 """The stage-1 -> stage-2 bridge: the item feature table of a stage-1 workdir.
 
 `save_feature_table` writes, for the variants {"full", "mask_image", "mask_text"} (each `[n_items, d]` float32):
-  <workdir>/features/<step 0>/   an orbax checkpoint of {variant: table} (the copy stage 2 restores), and
+  <workdir>/features/0/   a checkpoint of {variant: table} (train/state.Checkpointer, the format of both stages'
+                          training checkpoints; the copy stage 2 restores), and
   <workdir>/image_feat.npy, image_feat_mask_image.npy, image_feat_mask_text.npy  (MMRec layout, row i = itemID i)
+`load_dataset` is the dataset stage 2 trains on: the interactions, with the feature table of `data.features_from`
+in the image slot when it is set.
 orbax finalises a checkpoint by an atomic rename and the `.npy` files are renamed into place, so a killed run leaves
 either the complete table or no table. `load_feature_table` restores one variant and checks it against the dataset.
 """
 
+import dataclasses
 import os
 import shutil
 from typing import Mapping
 
+import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from alignrec_jax.data import atomic
+from alignrec_jax.data import mmrec
+from alignrec_jax.data import synthetic
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.train import distributed
+from alignrec_jax.train import state as state_lib
 
 VARIANTS = ("full", "mask_image", "mask_text")
 NPY_NAMES = {"full": "image_feat.npy", "mask_image": "image_feat_mask_image.npy",
@@ -28,9 +35,8 @@ def features_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "features")
 
 
-def _manager(directory: str, create: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create, max_to_keep=1)
-  return ocp.CheckpointManager(directory, options=options)
+def _checkpointer(directory: str, create: bool) -> state_lib.Checkpointer:
+  return state_lib.Checkpointer(directory, label="stage-1 feature checkpoint", create=create)
 
 
 def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
@@ -51,12 +57,8 @@ def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
   if main and os.path.isdir(directory):
     shutil.rmtree(directory)  # an old or partial table: the new one replaces it whole
   distributed.barrier("save_feature_table:cleared")
-  manager = _manager(directory, create=True)
-  try:
-    manager.save(_STEP, args=ocp.args.StandardSave(arrays))
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+  with _checkpointer(directory, create=True) as ckpt:
+    ckpt.save(_STEP, arrays, {})
   if not main:
     return
   for name, table in arrays.items():
@@ -83,18 +85,14 @@ def load_feature_table(workdir: str, n_items: int, variant: str = "full") -> np.
           f"--workdir={os.path.abspath(workdir)}")
   if not os.path.isdir(directory):
     raise DataError(f"no stage-1 feature checkpoint in {directory} (data.features_from={workdir}); {hint}")
-  manager = _manager(directory, create=False)
-  try:
-    if _STEP not in manager.all_steps():
+  with _checkpointer(directory, create=False) as ckpt:
+    if _STEP not in ckpt.all_steps():
       raise DataError(f"the stage-1 feature checkpoint in {directory} is incomplete (no finalised checkpoint: the "
                       f"extraction was interrupted?); {hint}")
     try:
-      restored = manager.restore(_STEP, args=ocp.args.StandardRestore())
-    except Exception as e:  # orbax raises many types for a damaged checkpoint
-      raise DataError(f"the stage-1 feature checkpoint in {directory} cannot be read ({type(e).__name__}: {e}); "
-                      f"{hint}") from None
-  finally:
-    manager.close()
+      restored, _ = ckpt.restore(_STEP)
+    except state_lib.CheckpointError as e:
+      raise DataError(f"{e}; {hint}") from None
   if variant not in restored:
     raise DataError(f"the stage-1 feature checkpoint in {directory} has no {variant!r} table (has {sorted(restored)}); "
                     f"{hint}")
@@ -105,3 +103,16 @@ def load_feature_table(workdir: str, n_items: int, variant: str = "full") -> np.
   if not np.isfinite(table).all():
     raise DataError(f"the stage-1 feature table {variant!r} in {directory} holds NaN/Inf values")
   return table
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> mmrec.RecData:
+  """`mmrec.load_dataset`, after generating the default data (process 0 first) when `data.synthetic`, and with the
+  stage-1 table of `data.features_from` (variant `data.features_variant`) in the image slot when it is set."""
+  if data_config.get("synthetic", False):  # process 0 generates it once, the others then find it
+    distributed.main_process_first(synthetic.ensure_synthetic_dataset, os.path.expanduser(data_config.root))
+  data = mmrec.load_dataset(data_config)
+  if not data_config.get("features_from", ""):
+    return data
+  table = load_feature_table(os.path.expanduser(data_config.features_from), data.n_items,
+                             variant=data_config.get("features_variant", "full"))
+  return dataclasses.replace(data, features={**data.features, "image": table})

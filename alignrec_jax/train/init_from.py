@@ -1,8 +1,8 @@
 """Converted BEiT-3 weights on disk (written by `python -m alignrec_jax.convert_beit3`, read by
 `--config.pretrain.init_from=DIR`).
 
-DIR is an orbax checkpoint (step 0) with two items:
-  params: the `beit3` subtree of MMEnc's parameters (models/mmenc.py), numpy float32
+DIR is a checkpoint of the package's one checkpointer (train/state.py, step 0):
+  state:  the `beit3` subtree of MMEnc's parameters (models/mmenc.py), numpy float32
   meta:   JSON: format, the architecture (vocab_size, hidden, layers, heads, mlp, patch_size, image_size,
           max_text_len), the source file and what the conversion did (dropped head keys, interpolation, truncation)
 Pre-training starts from these encoder weights; the heads MMEnc adds (MLM LayerNorm and bias, the MIM head, the
@@ -18,18 +18,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.models import mmenc
+from alignrec_jax.train import state as state_lib
 
-FORMAT = "alignrec_jax/beit3/1"
+FORMAT = "alignrec_jax/beit3/2"  # 1: written before the checkpointer was shared (convert again)
 ARCH_KEYS = ("vocab_size", "hidden", "layers", "heads", "mlp", "patch_size", "image_size", "max_text_len")
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("params", "meta"))
+def _checkpointer(directory: str, create: bool = False) -> state_lib.Checkpointer:
+  return state_lib.Checkpointer(directory, label="converted BEiT-3 checkpoint", create=create)
 
 
 def beit3_shapes(meta: dict) -> Any:
@@ -49,13 +48,8 @@ def save(out: str, params: Any, meta: dict) -> None:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-beit3-")
   try:
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    manager = ocp.CheckpointManager(tmp, options=options, item_names=("params", "meta"))
-    state = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(dict(meta, format=FORMAT))))
-    manager.wait_until_finished()
-    manager.close()
+    with _checkpointer(tmp, create=True) as ckpt:
+      ckpt.save(0, jax.tree.map(lambda x: np.asarray(x, np.float32), params), dict(meta, format=FORMAT))
     if os.path.isdir(out):
       os.rmdir(out)
     os.replace(tmp, out)
@@ -68,15 +62,13 @@ def read_meta(directory: str) -> dict:
   if not os.path.isdir(directory):
     raise DataError(f"config.pretrain.init_from={directory}: no such directory (write it with "
                     "python -m alignrec_jax.convert_beit3 --checkpoint=... --out=DIR)")
-  manager = _manager(directory)
-  try:
-    if manager.latest_step() is None:
+  with _checkpointer(directory) as ckpt:
+    if ckpt.latest_step() is None:
       raise DataError(f"config.pretrain.init_from={directory}: not a converted BEiT-3 checkpoint (no orbax step)")
-    meta = dict(manager.restore(manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-  finally:
-    manager.close()
+    meta = ckpt.meta(ckpt.latest_step())
   if meta.get("format") != FORMAT:
-    raise DataError(f"config.pretrain.init_from={directory}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    raise DataError(f"config.pretrain.init_from={directory}: format {meta.get('format')!r}, expected {FORMAT!r} "
+                    "(convert the weights again with python -m alignrec_jax.convert_beit3)")
   return meta
 
 
@@ -97,14 +89,12 @@ def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
   if meta["max_text_len"] < model.max_text_len:
     raise DataError(f"{where}: the checkpoint holds {meta['max_text_len']} text positions, config.pretrain."
                     f"max_text_len={model.max_text_len} needs more")
-  manager = _manager(directory)
-  try:
-    target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), beit3_shapes(meta))
-    params = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
-  finally:
-    manager.close()
-  params = jax.tree.map(np.asarray, params)
+  target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), beit3_shapes(meta))
+  with _checkpointer(directory) as ckpt:
+    try:
+      params, _ = ckpt.restore(ckpt.latest_step(), target)
+    except state_lib.CheckpointError as e:
+      raise DataError(f"config.pretrain.init_from={directory}: {e}") from None
   table = params["encoder"]["embed_positions"]["B"]["embedding"]
   params["encoder"]["embed_positions"]["B"]["embedding"] = table[:model.max_text_len + 2]
   return params, meta

@@ -1,10 +1,10 @@
-"""Stage-2 training state on disk: orbax checkpoints of params, optimiser state and the loop's bookkeeping.
+"""Training state on disk: the one orbax checkpointer of both stages and of the stage-1 feature table.
 
-A checkpoint (one per finished epoch, step = number of finished epochs) holds
-  state: {"params", "opt_state"} (host copies; restored into the structure of a freshly initialised state)
-  meta:  JSON: epoch, the sampler's RNG state, early-stopping state (best valid value, best epoch and its step,
-         epochs without improvement), the best epoch's valid and test metrics, the per-epoch history,
-         `stopped_early`, and a CRC32 of every saved array (`checksums`).
+A checkpoint (a numbered step: finished epochs in stage 2, finished steps in stage 1) holds
+  state: a tree of arrays (the trainer's {"params", "opt_state"}; the feature tables), restored into the structure
+         of a freshly built one (or as saved)
+  meta:  JSON: the loop's bookkeeping (train/loop.py; in stage 2 also the sampler's RNG state, the early-stopping
+         state and the per-epoch history) and a CRC32 of every saved array (`checksums`).
 After each save the manager keeps the latest `keep_latest` checkpoints and the best one, whose step the meta of
 every checkpoint names (`best_step`): the choice lives on disk, so a run resumed any number of times keeps the same
 best checkpoint as an uninterrupted one. Writes are synchronous and orbax finalises a step by an atomic rename, so a
@@ -104,7 +104,7 @@ def _drop_closed_loop_noise() -> None:
   sys.unraisablehook = hook
 
 
-def quarantine(manager: ocp.CheckpointManager, directory: str, step: int) -> None:
+def _quarantine(manager: ocp.CheckpointManager, directory: str, step: int) -> None:
   """Moves step `step` of `directory` to `<parent>/damaged_checkpoints/` (kept for inspection, out of orbax's way)."""
   if distributed.is_main_process():
     target = os.path.join(os.path.dirname(directory), "damaged_checkpoints",
@@ -125,27 +125,47 @@ def restore_failed(where: str, e: Exception) -> CheckpointError:
 
 
 class Checkpointer:
-  """orbax CheckpointManager over `<directory>`, keeping the latest `keep_latest` and the best checkpoint."""
+  """The package's one orbax checkpointer: numbered steps of {"state": a tree of arrays, "meta": JSON} under
+  `directory`, keeping the latest `keep_latest` steps and the one the meta names as `best_step`.
 
-  def __init__(self, directory: str, keep_latest: int = 1):
+  Stage 1 (`<workdir>/pretrain/`), stage 2 (`<workdir>/checkpoints/`) and the stage-1 feature table
+  (`<workdir>/features/`) all go through it; `label` names the checkpoints in messages."""
+
+  def __init__(self, directory: str, keep_latest: int = 1, label: str = "checkpoint", create: bool = True):
     if keep_latest < 1:
       raise ValueError(f"config.train.keep_checkpoints={keep_latest} must be >= 1")
     self.directory = os.path.abspath(directory)
     self.keep_latest = keep_latest
+    self.label = label
     # No orbax retention policy: which steps to keep depends on the best step recorded in the meta (save below).
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=create)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, params: Any, opt_state: Any, meta: dict, improved: bool = False,
-           valid_value: float = 0.0) -> None:
-    """Saves one finished epoch, then deletes every step but the latest `keep_latest` and `meta["best_step"]`.
+  def all_steps(self) -> list:
+    return list(self.manager.all_steps())
 
-    `improved`/`valid_value` are accepted for older callers; the best step is read from the meta."""
-    del improved, valid_value
-    state = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
+  def meta(self, step: int) -> dict:
+    """The JSON meta of step `step` alone (no arrays are read)."""
+    where = f"{self.label} {step} in {self.directory}"
+    try:
+      with _quiet_failures():
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
+      raise restore_failed(where, e) from e
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves `state` (host copies are taken) and `meta` as step `step`, then deletes every step but the latest
+    `keep_latest` and `meta["best_step"]`. Synchronous: the step is complete (renamed into place) on return."""
+    state = jax.tree.map(np.asarray, state)
     meta = dict(meta, checksums=checksums(state))
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
@@ -156,14 +176,14 @@ class Checkpointer:
       if old not in keep:
         self.manager.delete(old)
 
-  def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict]:
-    """(params, opt_state, meta) of checkpoint `step`, in the structure of the `*_like` trees, checksums verified.
+  def restore(self, step: int, like: Any = None) -> tuple[Any, dict]:
+    """(state, meta) of step `step`, in the structure of `like` (None: as saved), checksums verified.
 
     Raises CheckpointError (one line) for a missing, unreadable, damaged or incompatible step."""
     if step not in self.manager.all_steps():
-      raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have: {self.manager.all_steps()})")
-    target = jax.tree.map(np.asarray, {"params": params_like, "opt_state": opt_state_like})
-    where = f"checkpoint {step} in {self.directory}"
+      raise CheckpointError(f"no {self.label} for step {step} in {self.directory} (have: {self.manager.all_steps()})")
+    target = None if like is None else jax.tree.map(np.asarray, like)
+    where = f"{self.label} {step} in {self.directory}"
     try:
       with _quiet_failures():
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
@@ -173,12 +193,12 @@ class Checkpointer:
     meta = dict(restored["meta"])
     state = jax.tree.map(np.asarray, restored["state"])
     verify(state, meta.pop("checksums", None), where)
-    check_shapes(state, target, where)
-    return state["params"], state["opt_state"], meta
+    if target is not None:
+      check_shapes(state, target, where)
+    return state, meta
 
-  def restore_latest(self, params_like: Any, opt_state_like: Any,
-                     quarantine: bool = True) -> Optional[tuple[int, Any, Any, dict]]:
-    """(step, params, opt_state, meta) of the newest intact checkpoint; None when there is none at all.
+  def restore_latest(self, like: Any = None, quarantine: bool = True) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, meta) of the newest intact checkpoint; None when there is none at all.
 
     A step that cannot be restored is skipped with a warning and, with `quarantine`, once an older step restores,
     moved to `<parent>/damaged_checkpoints/` so that the run can write that step again. Raises CheckpointError, moving
@@ -186,22 +206,19 @@ class Checkpointer:
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.restore(step, params_like, opt_state_like)
+        state, meta = self.restore(step, like)
       except CheckpointError as e:
         failed.append((step, str(e)))
         logging.warning("%s; falling back to the previous checkpoint", e)
         continue
       # Moved only once an older step restores: when none does, the model/config differs (nothing is damaged)
       for bad, _ in failed if quarantine else ():
-        self._quarantine(bad)
-      return (step, *restored)
+        _quarantine(self.manager, self.directory, bad)
+      return step, state, meta
     if failed:
-      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (none was moved): {failed[-1][1]}; "
+      raise CheckpointError(f"no {self.label} in {self.directory} can be restored (none was moved): {failed[-1][1]}; "
                             "use a fresh --workdir for another model or config")
     return None
-
-  def _quarantine(self, step: int) -> None:
-    quarantine(self.manager, self.directory, step)
 
   def close(self) -> None:
     self.manager.close()
@@ -213,18 +230,15 @@ def restore_best_params(directory: str, params_like: Any, opt_state_like: Any) -
   Reads only: a damaged latest step is skipped (not moved) to find the recorded best step."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory not found: {directory} (train with this --workdir first)")
-  ckpt = Checkpointer(directory)
-  try:
-    latest = ckpt.restore_latest(params_like, opt_state_like, quarantine=False)
+  like = {"params": params_like, "opt_state": opt_state_like}
+  with Checkpointer(directory) as ckpt:
+    latest = ckpt.restore_latest(like, quarantine=False)
     if latest is None:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    step, params, _, meta = latest
+    step, state, meta = latest
     best = meta.get("best_step")
-    if best == step:
-      return params, meta
-    if best not in ckpt.manager.all_steps():
-      raise CheckpointError(f"the best epoch's checkpoint (step {best}) is missing from {directory}")
-    params, _, best_meta = ckpt.restore(best, params_like, opt_state_like)
-    return params, best_meta
-  finally:
-    ckpt.close()
+    if best != step:
+      if best not in ckpt.all_steps():
+        raise CheckpointError(f"the best epoch's checkpoint (step {best}) is missing from {directory}")
+      state, meta = ckpt.restore(best, like)
+    return state["params"], meta
