@@ -1,5 +1,5 @@
 """Data parallelism with `jax.pmap` over every device of every process (1 CPU, 8 GPUs, a TPU host or several
-hosts under `jax.distributed`: the same code).
+hosts under `jax.distributed`: the same code), for the training loop of both stages (train/loop.py).
 
 The per-device train step is a plain function of (params, opt_state, inputs, batch shard) with a named axis, so
 `shard_map` could run it unchanged. Every device holds the full parameters and graphs (replicated), computes the
@@ -96,8 +96,8 @@ def _after_all(tree):
 
   A parameter's in-place update must wait for every read of its old value, but nothing orders it after the
   gradients of OTHER parameters that read it (the projection kernel's gradient reads the feature table) or after the
-  metrics, so XLA copied each such donated parameter before the step: at paper scale the 115 MB table, read and
-  written again on every step. A scalar taken from every leaf (made finite, times 0: exactly 0, never NaN) orders
+  metrics, so XLA copied each such donated parameter before the step: at paper scale the whole feature table, read
+  and written again on every step. A scalar taken from every leaf (made finite, times 0: exactly 0, never NaN) orders
   all updates after all gradients and metrics, and the copies go (tests/train/test_parallel.py checks the compiled
   step). optimization_barrier does not do it: XLA:CPU drops it before copy insertion.
   """
@@ -153,7 +153,7 @@ def device_map(fn: Callable, devices: Sequence, sharded_argnums: Sequence[int] =
   with `put_replicated`, and outputs are read with `get_replicated`. With a single device (one process) the same
   function runs under `jax.jit` with axis_name=None, the shards' axis squeezed and no device axis on replicated
   values: pmap's per-call overhead and the [1, ...] layout (which stops XLA from updating the donated parameters
-  and Adam moments in place: 0.47 s vs 0.20 s for an Adam step on the paper-scale table) buy nothing there.
+  and Adam moments in place, more than doubling an Adam step on the paper-scale table) buy nothing there.
   """
   devices = list(devices)
   if single_device(devices):

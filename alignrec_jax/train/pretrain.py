@@ -3,14 +3,13 @@
 `pretrain(config, workdir)`:
   items.tsv -> tokenizer (`<workdir>/tokenizer.spm`: `config.data.tokenizer`'s sentencepiece model, or one trained
   on the item texts once; data/content.py) -> tfds array_record dataset (`<workdir>/tfds/`)
-  -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss, data parallel with `pmap` over the devices
-  (`config.train.num_devices`, 0 = all local ones; the global batch `pretrain.batch_size` is split across them).
-  Under `jax.distributed` the pmap spans every process's devices and each process feeds its devices' rows of the
-  same global batch (train/parallel.py), so N processes compute what one process with all their devices does.
-  Process 0 builds the tokenizer and the tfds dataset first (the others then load them) and alone writes
+  -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss in the loop both stages share (train/loop.py:
+  data parallel over `config.train.num_devices` devices, 0 = all local ones, and under `jax.distributed` every
+  process's; the global batch `pretrain.batch_size` is split across them; checkpoints and resume). Process 0 builds the tokenizer and the tfds dataset first (the others then load them) and alone writes
   pretrain_history.json; every process takes part in the orbax checkpoint saves.
   Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
-  batches an uninterrupted one would. Checkpoints (orbax, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
+  batches an uninterrupted one would, and the masks and dropout of a row depend on its step and device only.
+  Checkpoints (train/state.py, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
   steps and at the end hold params, optimiser state, the logged history and checksums of the arrays; a rerun resumes
   from the newest intact one (a damaged step is moved aside with a warning) and returns at once when
   `pretrain.steps` are done. The workdir is locked while a stage runs, and a resume with other stage-1 settings is
@@ -26,6 +25,7 @@
   Skipped when the workdir already holds the table extracted from that checkpoint.
 """
 
+import functools
 import json
 import os
 import time
@@ -36,15 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import content
+from alignrec_jax.data import synthetic
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 from alignrec_jax.train import distributed
 from alignrec_jax.train import init_from
+from alignrec_jax.train import loop
 from alignrec_jax.train import parallel
 from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
@@ -58,15 +59,9 @@ def items_path(config) -> str:
   return name if os.path.isabs(name) else os.path.join(os.path.expanduser(config.data.root), name)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  with atomic.atomic_open(path) as f:
-    json.dump(obj, f, indent=1)
-
-
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   """The tokenizer and every item's arrays {"image" uint8 [n, s, s, 3], "tokens" int32 [n, L]}."""
   if config.data.get("synthetic", False):
-    from alignrec_jax.data import synthetic  # pylint: disable=g-import-not-at-top  (the default data only)
     synthetic.ensure_synthetic_dataset(os.path.expanduser(config.data.root))
   tokenizer, source = content.prepare_content(config.pretrain, items_path(config), workdir,
                                               config.data.get("tokenizer", ""))
@@ -115,69 +110,72 @@ def batch_indices(seed: int, step: int, n_items: int, batch_size: int) -> np.nda
   return order[j * batch_size:(j + 1) * batch_size]
 
 
-def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=2)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "pretrain"), options=options,
-                               item_names=("state", "meta"))
+_LABEL = "pre-training checkpoint"
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
-  """(params, opt_state, meta) of `step`, checksums verified; CheckpointError (one line) if damaged/incompatible."""
-  target = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
-  where = f"pre-training checkpoint {step} in {manager.directory}"
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for an incompatible or damaged checkpoint
-    raise state_lib.restore_failed(where, e) from e
-  meta = dict(restored["meta"])
-  state = jax.tree.map(np.asarray, restored["state"])
-  state_lib.verify(state, meta.pop("checksums", None), where)
-  state_lib.check_shapes(state, target, where)
-  return state["params"], state["opt_state"], meta
+def _checkpointer(workdir: str) -> state_lib.Checkpointer:
+  return state_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "pretrain"), keep_latest=2, label=_LABEL)
 
 
-def _restore_newest_intact(manager: ocp.CheckpointManager, params: Any, opt_state: Any):
-  """(step, params, opt_state, meta) of the newest intact step (damaged ones moved aside with a warning), or None."""
-  failed = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = _restore(manager, step, params, opt_state)
-    except state_lib.CheckpointError as e:
-      failed.append((step, str(e)))
-      logging.warning("%s; falling back to the previous checkpoint", e)
-      continue
-    for bad, _ in failed:  # moved only once an older step restores (else the encoder/config differs)
-      state_lib.quarantine(manager, str(manager.directory), bad)
-    return (step, *restored)
-  if failed:
-    raise state_lib.CheckpointError(f"no pre-training checkpoint in {manager.directory} can be restored (none was "
-                                    f"moved): {failed[-1][1]}; use a fresh --workdir for another encoder or config")
-  return None
+@functools.partial(jax.jit, static_argnums=2)
+def _device_keys(base_key: jax.Array, step: int, n_devices: int) -> jax.Array:
+  step_key = jax.random.fold_in(base_key, step)
+  return jax.vmap(lambda d: jax.random.key_data(jax.random.fold_in(step_key, d)))(jnp.arange(n_devices))
 
 
-def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict) -> None:
-  state = jax.tree.map(np.asarray, {"params": params, "opt_state": opt_state})
-  meta = dict(meta, checksums=state_lib.checksums(state))  # verified by _restore
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-               force=True)
-  manager.wait_until_finished()
+def device_keys(base_key: jax.Array, step: int, n_devices: int) -> np.ndarray:
+  """[n_devices, 2] uint32: the raw key of each device at `step` (the step's key folded with the device's index),
+  so that every process layout draws the same masks and dropout for the same rows."""
+  return np.asarray(_device_keys(base_key, step, n_devices))
 
 
-def make_train_step(model: mmenc.MMEnc, tx: optax.GradientTransformation, loss_kwargs: dict, devices: list):
-  """pmapped `(params, opt_state, batch, key) -> (params, opt_state, metrics)`; params/opt_state/batch carry a
-  leading device axis, `key` is shared (each device folds in its index) and metrics come back averaged."""
+class Pretraining(loop.Stage):
+  """Stage 1 for the loop: one round = the steps up to the next checkpoint (`pretrain.checkpoint_every`).
 
-  def step(params, opt_state, batch, key):
-    key = jax.random.fold_in(key, jax.lax.axis_index("devices"))
-    grad_fn = jax.value_and_grad(lambda p: ica.ica_loss(model, p, batch, key, **loss_kwargs), has_aux=True)
-    (_, metrics), grads = grad_fn(params)
-    grads = jax.lax.pmean(grads, "devices")
-    metrics = jax.lax.pmean(metrics, "devices")
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+  The ICA loss of a device's rows is their mean; each device's share of the whole batch's loss is that mean over the
+  number of devices (the shards are equal), so the loop's sum over devices is the mean over the whole batch."""
+  name = "pretrain"
+  nan_hint = "lower config.pretrain.lr"
 
-  return jax.pmap(step, axis_name="devices", in_axes=(0, 0, 0, None), devices=devices, donate_argnums=(0, 1))
+  def __init__(self, config, model: mmenc.MMEnc, tokenizer: content.Tokenizer, items: dict, n_devices: int):
+    pre = config.pretrain
+    self.config, self.items, self.n_devices = config, items, n_devices
+    self.tx = make_optimizer(pre, pre.steps)
+    self.every = max(pre.checkpoint_every, 1)
+    self.log_every = max(pre.log_every, 1)
+    self.base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    loss_kwargs = _loss_kwargs(pre, tokenizer)
+
+    def loss(params, inputs, batch, axis_name):
+      del inputs, axis_name
+      key = jax.random.wrap_key_data(batch["key"])
+      value, metrics = ica.ica_loss(model, params, batch, key, **loss_kwargs)
+      return value / n_devices, jax.tree.map(lambda m: m / n_devices, metrics)
+    self.loss = loss
+
+  def rounds(self, meta: dict) -> range:
+    return range(meta.get("steps", 0) // self.every, -(-self.config.pretrain.steps // self.every))
+
+  def total_steps(self, meta: dict) -> int:
+    return self.config.pretrain.steps
+
+  def batches(self, round_: int, n_devices: int, rows: slice):
+    steps = self.config.pretrain.steps
+    for step in range(round_ * self.every, min((round_ + 1) * self.every, steps)):
+      idx = batch_indices(self.config.seed, step, len(self.items["tokens"]), self.config.pretrain.batch_size)
+      batch = {k: self.items[k][idx].reshape(n_devices, -1, *self.items[k].shape[1:]) for k in ("image", "tokens")}
+      batch["key"] = device_keys(self.base_key, step, n_devices)
+      yield {k: v[rows] for k, v in batch.items()}
+
+  def where(self, round_: int, step) -> str:
+    return f"step {round_ * self.every + (step or 0) + 1}"
+
+  def log_window(self, row: dict, steps_per_s: float, meta: dict) -> None:
+    row["items_per_s"] = steps_per_s * self.config.pretrain.batch_size
+    meta["history"].append(row)
+
+  def end_round(self, round_: int, means: dict, meta: dict, representations) -> tuple[int, bool, str]:
+    return meta["steps"], False, ""
 
 
 def pretrain(config, workdir: str) -> dict:
@@ -202,28 +200,27 @@ def _pretrain(config, workdir: str) -> dict:
   if pre.batch_size > n_items:
     raise ValueError(f"config.pretrain.batch_size={pre.batch_size} exceeds the {n_items} items")
   model = mmenc.make_mmenc(pre, encoder_vocab_size(pre, tokenizer), tokenizer.pad_id)
-  tx = make_optimizer(pre, pre.steps)
+  stage = Pretraining(config, model, tokenizer, items, n_dev)
   params = init_params(model, jax.random.key(config.seed))
-  opt_state = tx.init(params)
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  opt_state = stage.tx.init(params)
+  n_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
-  manager = _checkpoint_manager(workdir)
-  try:
-    start, meta = 0, {"history": []}
-    newest = _restore_newest_intact(manager, params, opt_state)
-    latest = None if newest is None else newest[0]
+  with _checkpointer(workdir) as ckpt:
+    meta = {"history": [], "steps": 0}
+    newest = ckpt.restore_latest({"params": params, "opt_state": opt_state})
     if newest is not None:
-      _, params, opt_state, meta = newest
+      start, restored, meta = newest
+      params, opt_state = restored["params"], restored["opt_state"]
       if meta.get("tokenizer") != tokenizer.fingerprint():
-        raise ValueError(f"{manager.directory}: the checkpoint was trained with another tokenizer than "
+        raise ValueError(f"{ckpt.directory}: the checkpoint was trained with another tokenizer than "
                          f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
-      start = latest
-      logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, manager.directory)
+      meta["steps"] = start
+      logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, ckpt.directory)
     else:
       if pre.get("init_from", ""):
         loaded, source = init_from.load(os.path.expanduser(pre.init_from), model)
         params = init_from.apply(params, loaded)
-        opt_state = tx.init(params)
+        opt_state = stage.tx.init(params)
         meta["init_from"] = {"dir": os.path.abspath(os.path.expanduser(pre.init_from)),
                              "source": source.get("source", "")}
         logging.info("pretrain: encoder initialised from %s (converted from %s)", pre.init_from,
@@ -231,48 +228,15 @@ def _pretrain(config, workdir: str) -> dict:
       logging.info("pretrain: MMEnc-%s, %d parameters, %d items, vocab %d, %d device(s), batch %d", pre.size,
                    n_params, n_items, len(tokenizer), n_dev, pre.batch_size)
     meta.update(tokenizer=tokenizer.fingerprint(), n_items=n_items, n_params=n_params, size=pre.size)
-    if start >= pre.steps:
-      if latest is None:  # steps = 0: keep the initial (random or loaded) encoder as the checkpoint
-        _save(manager, 0, params, opt_state, meta)
-      logging.info("pretrain: %d steps already done in %s", start, manager.directory)
+    if newest is None and pre.steps == 0:  # keep the initial (random or loaded) encoder as the checkpoint
+      ckpt.save(0, {"params": params, "opt_state": opt_state}, meta)
+    if meta["steps"] >= pre.steps:
+      logging.info("pretrain: %d steps already done in %s", meta["steps"], ckpt.directory)
       return _summary(meta)
-
-    train_step = make_train_step(model, tx, _loss_kwargs(pre, tokenizer), devices)
-    params, opt_state = parallel.replicate((params, opt_state), devices)
-    rows = parallel.local_rows(devices)  # this process's devices' shards of each global batch
-    base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    per_device = pre.batch_size // n_dev
-    window, window_start, window_steps = {}, time.perf_counter(), 0
-    for step in range(start, pre.steps):
-      idx = batch_indices(config.seed, step, n_items, pre.batch_size)
-      batch = {k: items[k][idx].reshape(n_dev, per_device, *items[k].shape[1:])[rows] for k in ("image", "tokens")}
-      params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
-      metrics = jax.block_until_ready(metrics)  # block each step: CPU all-reduce deadlock trap
-      values = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}  # pmeaned: any local copy
-      if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"pretrain: loss is {values['loss']} at step {step + 1}; lower config.pretrain.lr")
-      for k, v in values.items():
-        window[k] = window.get(k, 0.0) + v
-      window_steps += 1
-      done = step + 1
-      if done == 1 or done % max(pre.log_every, 1) == 0 or done == pre.steps:
-        elapsed = time.perf_counter() - window_start
-        row = {k: v / window_steps for k, v in window.items()}
-        row.update(step=done, items_per_s=window_steps * pre.batch_size / max(elapsed, 1e-9))
-        meta["history"].append(row)
-        logging.info("pretrain step %d/%d: loss %.4f  mlm %.4f (acc %.3f)  mim %.4f%s%s  %.1f items/s", done,
-                     pre.steps, row["loss"], row["mlm"], row["mlm_acc"], row["mim"],
-                     f"  itc {row['itc']:.4f}" if pre.itc_weight else "",
-                     f"  cls-bow {row['bow']:.4f}" if pre.get("cls_bow_weight", 0.0) else "", row["items_per_s"])
-        window, window_start, window_steps = {}, time.perf_counter(), 0
-      if done % max(pre.checkpoint_every, 1) == 0 or done == pre.steps:
-        host = parallel.unreplicate((params, opt_state))
-        _save(manager, done, host[0], host[1], meta)  # every process: orbax saves collectively
-    if distributed.is_main_process():
-      _write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
-    return _summary(meta)
-  finally:
-    manager.close()
+    meta = loop.fit(stage, params, opt_state, None, devices, ckpt, meta)
+  if distributed.is_main_process():
+    atomic.write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
+  return _summary(meta)
 
 
 def _summary(meta: dict) -> dict:
@@ -297,17 +261,14 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
   """(model, params, step) of the latest pre-training checkpoint in `workdir`."""
   model = mmenc.make_mmenc(config.pretrain, encoder_vocab_size(config.pretrain, tokenizer), tokenizer.pad_id)
   params = init_params(model, jax.random.key(config.seed))
-  tx = make_optimizer(config.pretrain, config.pretrain.steps)
-  manager = _checkpoint_manager(workdir)
-  try:
-    step = manager.latest_step()
+  opt_state = make_optimizer(config.pretrain, config.pretrain.steps).init(params)
+  with _checkpointer(workdir) as ckpt:
+    step = ckpt.latest_step()
     if step is None:
-      raise ValueError(f"no pre-training checkpoint in {manager.directory}: run --config.stage=pretrain (or all) "
+      raise ValueError(f"no pre-training checkpoint in {ckpt.directory}: run --config.stage=pretrain (or all) "
                        "with this --workdir first (pretrain.steps=0 saves the random initialisation)")
-    params, _, _ = _restore(manager, step, params, tx.init(params))
-  finally:
-    manager.close()
-  return model, params, step
+    state, _ = ckpt.restore(step, {"params": params, "opt_state": opt_state})
+  return model, state["params"], step
 
 
 def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens: np.ndarray,
@@ -367,7 +328,7 @@ def _extract(config, workdir: str) -> dict:
   info = {"n_items": n_items, "dim": int(tables["full"].shape[1]), "pretrain_step": step,
           "tokenizer": tokenizer.fingerprint(), "items_per_s": n_items * len(tables) / elapsed}
   if distributed.is_main_process():
-    _write_json(meta_path, info)
+    atomic.write_json(meta_path, info)
   distributed.barrier("extract:written")  # stage 2 in this run reads the table next, in every process
   logging.info("extract: %d items x %d variants -> %s (%d-d, %.1f item-encodings/s, pre-training step %d)",
                n_items, len(tables), bridge.features_dir(workdir), info["dim"], info["items_per_s"], step)

@@ -1,0 +1,187 @@
+"""The one training loop of both stages.
+
+A stage (stage 1's ICA pre-training in pretrain.py, stage 2's recommender in recommend.py) supplies a `Stage`: its
+loss, its optimiser, its batches and what happens at the end of a round (an epoch in stage 2, the steps between two
+checkpoints in stage 1: evaluation, early stopping, the history it keeps). The loop owns the rest, written once:
+
+  * the devices and the data-parallel step (train/parallel.py: `jax.pmap` over every device of every process, one
+    axis name, the loss of each device is its SHARE of the whole batch's loss and the gradients are summed; one
+    device runs the same function under `jax.jit`);
+  * the NaN/Inf guard (every step) and the divergence guard (every round, `train.divergence_factor`);
+  * progress lines with throughput and an ETA;
+  * checkpointing after every round (train/state.py) and resuming from the newest intact checkpoint, so that a run
+    killed at any moment and started again ends exactly as an uninterrupted one.
+
+    stage = recommend.Recommending(...)          # or pretrain.Pretraining(...)
+    meta = loop.fit(stage, params, opt_state, inputs, devices, checkpointer)
+"""
+
+import math
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import optax
+
+from alignrec_jax.train import parallel
+from alignrec_jax.train import state as state_lib
+
+
+class DivergenceError(FloatingPointError):
+  """The loss stayed finite but grew by orders of magnitude: the run is stopped, never reported as a success."""
+
+
+class Stage:
+  """What a training stage gives `fit`. Subclasses set the attributes and override the methods they need.
+
+  loss(params, inputs, batch, axis_name) -> (this device's share of the whole batch's loss, metrics that add up the
+  same way); `tx` the optimiser (its `hyperparams` are set per round when `round_hyperparams` returns values).
+  """
+  name = "train"                # the log prefix
+  loss: Callable
+  tx: optax.GradientTransformation
+  log_every = 0                 # a progress line every this many steps (0: one line per round)
+  divergence_factor = 0.0       # stop when a round's mean loss exceeds this multiple of the first step's (0: off)
+  nan_hint = "lower the learning rate"
+
+  def rounds(self, meta: dict) -> range:
+    """The rounds still to run, given the restored meta."""
+    raise NotImplementedError
+
+  def total_steps(self, meta: dict) -> Optional[int]:
+    """How many steps the whole run takes at most (for the ETA); None when not known."""
+    return None
+
+  def batches(self, round_: int, n_devices: int, rows: slice) -> Iterable[dict]:
+    """The round's batches, each a dict of [n_local_devices, b, ...] arrays (this process's rows of the global one)."""
+    raise NotImplementedError
+
+  def round_hyperparams(self, round_: int) -> dict:
+    """Values for the optimiser's injected hyper-parameters this round ({} = none)."""
+    return {}
+
+  def round_inputs(self, inputs: Any, round_: int) -> Any:
+    """The training inputs of this round: `inputs` itself unless they change per round."""
+    return inputs
+
+  def where(self, round_: int, step: Optional[int]) -> str:
+    """Names a position in messages: 'epoch 2, step 5' (step None: the round alone, 'epoch 2')."""
+    return f"round {round_}" + ("" if step is None else f", step {step}")
+
+  def after(self, checkpoint_step: int) -> str:
+    """Names what a checkpoint holds in messages ('after epoch 1')."""
+    return f"after step {checkpoint_step}"
+
+  def log_window(self, row: dict, steps_per_s: float, meta: dict) -> None:
+    """Called with the mean metrics of every `log_every` steps (row["step"]: steps done) before they are logged."""
+
+  def end_round(self, round_: int, means: dict, meta: dict, representations: Callable) -> tuple[int, bool, str]:
+    """Updates `meta` at the end of a round (evaluation, history, early stopping); returns (the checkpoint step that
+    holds this round, whether to stop, a line for the log or ''). `representations(fn)` is fn(params, inputs) on the
+    current parameters and the round-independent inputs, computed on the devices; one host copy is returned."""
+    raise NotImplementedError
+
+
+def _host(tree: Any, devices: list) -> Any:
+  return parallel.get_replicated(tree, devices)
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _check_divergence(stage: Stage, meta: dict, round_: int, mean_loss: float, ckpt: state_lib.Checkpointer) -> None:
+  """Stops the run when the round's mean loss exceeds `stage.divergence_factor` times the first step's loss.
+
+  The reference is the untrained model's loss, not the first round's mean: a diverging lr (1e6) already lifts the
+  first epoch's mean by eleven orders of magnitude. Its magnitude is floored at 1 so that a loss that starts near
+  zero does not trip the guard. The diverged round is not checkpointed, so a rerun stops the same way."""
+  reference = meta.get("first_loss")
+  if not stage.divergence_factor or reference is None:
+    return
+  limit = stage.divergence_factor * max(abs(reference), 1.0)
+  if abs(mean_loss) > limit:
+    last = ckpt.latest_step()
+    raise DivergenceError(
+        f"the run diverged: {stage.where(round_, None)}'s mean loss {mean_loss:.4g} is above "
+        f"config.train.divergence_factor={stage.divergence_factor:g} x the first step's loss {reference:.4g}; stopped "
+        "without checkpointing it" + (f" (the last checkpoint, {stage.after(last)}, stays)" if last else "")
+        + f": {stage.nan_hint}")
+
+
+def fit(stage: Stage, params: Any, opt_state: Any, inputs: Any, devices: list, ckpt: state_lib.Checkpointer,
+        meta: dict) -> dict:
+  """Runs `stage`'s remaining rounds from (params, opt_state, meta) and checkpoints each; returns the final meta.
+
+  Only replicated copies of the parameters, optimiser state and inputs live on the devices while it runs."""
+  n_dev = len(devices)
+  rows = parallel.local_rows(devices)  # this process's shards of each global batch
+  step_fn = parallel.pmap_train_step(stage.loss, stage.tx, devices)
+  representations_fn = {}
+
+  p_params, p_opt = parallel.put_replicated((params, opt_state), devices)
+  p_eval_inputs = p_inputs = parallel.put_replicated(inputs, devices)
+  del params, opt_state
+
+  def representations(fn: Callable) -> Any:
+    if fn not in representations_fn:
+      representations_fn[fn] = parallel.device_map(lambda p, i, axis_name: fn(p, i), devices)
+    return _host(representations_fn[fn](p_params, p_eval_inputs), devices)
+
+  total = stage.total_steps(meta)
+  run_start, run_steps = time.perf_counter(), 0
+  for round_ in stage.rounds(meta):
+    for key, value in stage.round_hyperparams(round_).items():
+      p_opt.hyperparams[key] = parallel.put_replicated(jnp.asarray(value, jnp.float32), devices)
+    train_inputs = stage.round_inputs(inputs, round_)
+    p_inputs = p_eval_inputs if train_inputs is inputs else parallel.put_replicated(train_inputs, devices)
+    del train_inputs
+    round_start = window_start = time.perf_counter()
+    sums, window, n_steps, window_steps = {}, {}, 0, 0
+    for step, batch in enumerate(stage.batches(round_, n_dev, rows)):
+      p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
+      # psummed over all devices: every local copy holds the whole batch's values. Blocking on each step also
+      # keeps back-to-back all-reduces from deadlocking the CPU backend.
+      metrics = jax.tree.map(float, _host(jax.block_until_ready(metrics), devices))
+      if not math.isfinite(metrics["loss"]):
+        last = ckpt.latest_step()
+        raise FloatingPointError(
+            f"loss is {metrics['loss']} at {stage.where(round_, step)} (parts: {metrics}); stopped. The last good "
+            + (f"checkpoint ({stage.after(last)}) is kept in {ckpt.directory}" if last else
+               "state was never checkpointed (the first round failed)") + f": {stage.nan_hint}")
+      if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
+        meta["first_loss"] = metrics["loss"]
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v
+        window[k] = window.get(k, 0.0) + v
+      n_steps += 1
+      window_steps += 1
+      run_steps += 1
+      meta["steps"] = meta.get("steps", 0) + 1
+      if stage.log_every and (meta["steps"] in (1, total) or meta["steps"] % stage.log_every == 0):
+        window_rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+        row = {k: v / window_steps for k, v in window.items()}
+        row["step"] = meta["steps"]
+        stage.log_window(row, window_rate, meta)
+        rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
+        logging.info("%s step %d%s: %s, %.2f steps/s%s", stage.name, meta["steps"], f"/{total}" if total else "",
+                     ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"), window_rate,
+                     f", ETA {_eta((total - meta['steps']) / rate)}" if total else "")
+        window, window_start, window_steps = {}, time.perf_counter(), 0
+    if not n_steps:
+      break
+    means = {k: v / n_steps for k, v in sums.items()}
+    _check_divergence(stage, meta, round_, means["loss"], ckpt)
+    means["train_s"] = time.perf_counter() - round_start
+    checkpoint_step, stop, line = stage.end_round(round_, means, meta, representations)
+    ckpt.save(checkpoint_step, _host({"params": p_params, "opt_state": p_opt}, devices), meta)
+    if line:
+      rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
+      logging.info("%s %s: %s%s", stage.name, stage.where(round_, None), line,
+                   f" | ETA {_eta((total - meta['steps']) / rate)} at most" if total and not stop else "")
+    if stop:
+      break
+  return meta
