@@ -80,6 +80,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.valid_metric = "recall@20"
   ev.batch_users = 4096
   ev.popularity_groups = ()     # e.g. (0.2,) = head 20% / tail 80% of items by train popularity
+  # what is evaluated after every epoch (eval/evaluators.py); "valid" drives early stopping, "test" is reported
+  config.evals = ml_collections.ConfigDict()
+  config.evals.valid = dict(kind="ranking", split="valid")
+  config.evals.test = dict(kind="ranking", split="test")
 
   # ---------------------------------------------------------------- export (a trained run's recommendations)
   config.export = export = ml_collections.ConfigDict()

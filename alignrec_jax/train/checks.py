@@ -1,11 +1,19 @@
 """Every config value checked before any data loads, so that a typo fails in a second with one line naming the key
 instead of after an epoch with a bare KeyError/TypeError.
 
-`check_config(config)` checks the sections the chosen `config.stage` reads; each failure is a `ConfigError` whose
+`check_config(config)` checks the sections the chosen `config.stage` reads (the probe stage's own section:
+`eval/probes.check_config`); each failure is a `ConfigError` whose
 message starts with the key (`config.eval.valid_metric='recall@25': ...`).
 """
 
 import numbers
+
+from alignrec_jax import models
+from alignrec_jax.eval import evaluators
+from alignrec_jax.eval import ranking
+from alignrec_jax.losses import ica
+from alignrec_jax.models import mmenc
+from alignrec_jax.train import bridge
 
 STAGES = ("pretrain", "extract", "train", "all", "probe", "export")
 
@@ -45,7 +53,7 @@ def _number(config, key: str, low: float = None, high: float = None, low_open: b
   return value
 
 
-def _check_eval(config) -> None:
+def check_eval(config) -> None:
   ev = config.eval
   topk = ev.topk
   if isinstance(topk, (str, bytes)) or not hasattr(topk, "__iter__") or not len(topk):
@@ -53,7 +61,6 @@ def _check_eval(config) -> None:
   for k in topk:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
       _fail("eval.topk", tuple(topk), f"must hold positive integers, got {k!r}")
-  from alignrec_jax.eval import ranking  # pylint: disable=g-import-not-at-top  (jax: only once a stage runs)
   metrics = ev.metrics
   if isinstance(metrics, str) or not metrics or any(m not in ranking.METRICS for m in metrics):
     _fail("eval.metrics", metrics, f"must be a non-empty tuple of {ranking.METRICS}")
@@ -66,6 +73,15 @@ def _check_eval(config) -> None:
   for f in ev.popularity_groups:
     if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < 1:
       _fail("eval.popularity_groups", tuple(ev.popularity_groups), "fractions must lie strictly between 0 and 1")
+  evals = config.get("evals", {})
+  for name in ("valid", "test"):
+    if name not in evals:
+      _fail("evals", tuple(evals.keys()), f"must hold a {name!r} evaluator (early stopping and the report read it)")
+  for name, spec in evals.items():
+    if spec.get("kind") not in evaluators.KINDS:
+      _fail(f"evals.{name}.kind", spec.get("kind"), f"must be one of {tuple(evaluators.KINDS)}")
+    if spec.get("split") not in evaluators.SPLITS:
+      _fail(f"evals.{name}.split", spec.get("split"), f"must be one of {evaluators.SPLITS}")
 
 
 def check_stage2(config) -> None:
@@ -82,7 +98,6 @@ def check_stage2(config) -> None:
   _number(config, "optim.lr_decay", 0.0)
   _number(config, "optim.lr_decay_every", 0.0)
   _int(config, "seed", 0)
-  from alignrec_jax import models  # pylint: disable=g-import-not-at-top
   if config.model.name not in models.registered():
     _fail("model.name", config.model.name, f"is not a registered model {tuple(models.registered())}")
   _int(config, "model.embedding_size", 1)
@@ -90,16 +105,13 @@ def check_stage2(config) -> None:
     _fail("data.name", config.data.name, "is empty: set the dataset name (the .inter file is <root>/<name>.inter)")
   if not isinstance(config.data.get("drop_duplicates", False), bool):
     _fail("data.drop_duplicates", config.data.drop_duplicates, "must be True or False")
-  from alignrec_jax.train import bridge  # pylint: disable=g-import-not-at-top
   if config.data.features_variant not in bridge.VARIANTS:
     _fail("data.features_variant", config.data.features_variant, f"must be one of {tuple(bridge.VARIANTS)}")
-  _check_eval(config)
+  check_eval(config)
 
 
 def _check_stage1(config) -> None:
   pre = config.pretrain
-  from alignrec_jax.losses import ica  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.models import mmenc  # pylint: disable=g-import-not-at-top
   if pre.size not in mmenc.SIZES:
     _fail("pretrain.size", pre.size, f"must be one of {tuple(mmenc.SIZES)}")
   if pre.mim_target not in ica.MIM_TARGETS:
@@ -127,11 +139,7 @@ def check_config(config) -> None:
     _check_stage1(config)
   if stage in ("train", "all"):
     check_stage2(config)
-  if stage == "probe":
-    from alignrec_jax.eval import probes  # pylint: disable=g-import-not-at-top
-    classes = config.probe.classes
-    if isinstance(classes, str) or any(c not in probes.CLASSES for c in classes):
-      _fail("probe.classes", classes, f"must be a tuple of {probes.CLASSES}")
-    _check_eval(config)
-    if "mask_modality" in classes:
+  if stage == "probe":  # eval/probes.py checks its own section (it sits above the trainer)
+    check_eval(config)
+    if "mask_modality" in config.probe.classes:
       check_stage2(config)
