@@ -41,6 +41,7 @@ import optax
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
+from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
 from alignrec_jax.train import recommend as recommend_lib
 from alignrec_jax.train import state as state_lib
@@ -110,7 +111,7 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
   """(user_emb [U, d], item_emb [I, d], meta) of the best checkpoint in `workdir`, computed as the trainer's
   evaluation computes them: the model's `representations` on the built inputs, on the trainer's devices."""
   if data is None:
-    data = mmrec.load_dataset(config.data)
+    data = bridge.load_dataset(config.data)
   model = get_model(config.model.name)(config)
   if not callable(getattr(model, "representations", None)):
     raise RunError(f"model {config.model.name!r} gives no user/item vectors whose dot products are its scores "
@@ -222,7 +223,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     raise RunError("the export stage runs in one process: start it without --num_processes / coordinator")
   results = finished_results(workdir)
-  data = mmrec.load_dataset(config.data)
+  data = bridge.load_dataset(config.data)
   user_emb, item_emb, meta = best_vectors(config, workdir, data)
   if meta["best_epoch"] != results["best_epoch"]:
     raise RunError(f"the checkpoints' best epoch ({meta['best_epoch']}) is not results.json's "
@@ -419,7 +420,7 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
     data = mmrec.load_dataset(_interactions_only(config))
   else:
     config = config if config is not None else read_config(workdir)
-    data = mmrec.load_dataset(config.data)
+    data = bridge.load_dataset(config.data)
     user_emb, item_emb, _ = best_vectors(config, workdir, data)
     data = dataclasses.replace(data, features={})
   if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:

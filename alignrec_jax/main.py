@@ -18,6 +18,7 @@ settings (except `train.epochs`) is refused. Every error is one line on stderr a
 the traceback.
 """
 
+import importlib.util
 import json
 import logging as pylogging
 import os
@@ -26,7 +27,19 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from alignrec_jax import export
+from alignrec_jax.data import atomic
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.eval import probes
+from alignrec_jax.train import checks
+from alignrec_jax.train import distributed
+from alignrec_jax.train import pretrain
+from alignrec_jax.train import recommend
+from alignrec_jax.train import state as state_lib
+from alignrec_jax.train import workdir as workdir_lib
 
 
 def define_flags() -> None:
@@ -52,7 +65,6 @@ class _QuietLibraries(pylogging.Filter):
 
 def _initialise_jax(config) -> None:
   """Process-level JAX set-up: the persistent compilation cache (cuts the start-up of repeated runs)."""
-  import jax  # imported here so that --help stays fast
   cache = os.environ.get("ALIGNREC_JAX_CACHE",
                          os.path.join(os.path.expanduser("~"), ".cache", "alignrec_jax", "jax_cache"))
   jax.config.update("jax_compilation_cache_dir", cache)
@@ -77,7 +89,6 @@ def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "ma
 
 def _check_workdir(workdir: str) -> None:
   """A workdir that is a file, or a folder this user cannot write, fails here in one line, before anything runs."""
-  from alignrec_jax.train import workdir as workdir_lib
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise workdir_lib.WorkdirError(f"--workdir={workdir} is a file, not a directory")
   try:
@@ -93,11 +104,10 @@ def run(config, workdir: str) -> dict:
 
   Every config value is checked and the workdir locked (train/workdir.py) before any data loads; `config.json` is
   written only once the run is known to own the workdir with these settings."""
-  from alignrec_jax.train import checks
-  from alignrec_jax.train import workdir as workdir_lib
   checks.check_config(config)
+  if config.stage == "probe":
+    probes.check_config(config)
   if config.stage == "export":  # reads a finished run, writes only <workdir>/export/ (config.json stays the run's)
-    from alignrec_jax import export
     if not os.path.isdir(workdir):
       raise export.RunError(f"workdir not found: {workdir}")
     _initialise_jax(config)
@@ -106,7 +116,6 @@ def run(config, workdir: str) -> dict:
     return {}
   _check_workdir(workdir)
   _initialise_jax(config)
-  import jax
   main_process = jax.process_index() == 0
   with workdir_lib.locked(workdir, main_process):
     stage2 = config
@@ -118,10 +127,9 @@ def run(config, workdir: str) -> dict:
     if config.stage in ("train", "all"):
       workdir_lib.check_or_record(stage2, os.path.join(workdir, "checkpoints"), 2, main_process)
     if main_process:
-      workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+      atomic.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
     if config.stage in ("pretrain", "extract", "all"):
-      from alignrec_jax.train import pretrain
       if config.stage in ("pretrain", "all"):
         pretrain.pretrain(config, workdir)
       if config.stage in ("extract", "all"):
@@ -129,15 +137,12 @@ def run(config, workdir: str) -> dict:
       if config.stage != "all":
         return {}
     if config.stage == "probe":
-      from alignrec_jax.eval import probes
       return probes.run(config, workdir)
-    from alignrec_jax.train import recommend
     return recommend.run(stage2, workdir)
 
 
 def _unknown_override(argv) -> str:
   """The first `--config.a.b=...` override whose key the config file does not define ('' if none)."""
-  import importlib.util
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None:
     return ""
@@ -173,12 +178,8 @@ def parse_flags(argv):
 
 def _user_errors() -> tuple:
   """Exception types whose message is the whole story for a user (bad input, a busy workdir, a diverged run)."""
-  from alignrec_jax.data.mmrec import DataError
-  from alignrec_jax.export import RunError
-  from alignrec_jax.train.checks import ConfigError
-  from alignrec_jax.train.state import CheckpointError
-  from alignrec_jax.train.workdir import WorkdirError
-  return (DataError, ConfigError, RunError, WorkdirError, CheckpointError, FloatingPointError, ValueError, OSError)
+  return (DataError, checks.ConfigError, export.RunError, workdir_lib.WorkdirError, state_lib.CheckpointError,
+          FloatingPointError, ValueError, OSError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -201,7 +202,6 @@ def main(argv) -> None:
 
 
 def _main(FLAGS) -> None:
-  from alignrec_jax.train import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   main_process = distributed.is_main_process()
   if not main_process:  # every process runs the same loop: process 0's log and table speak for all of them
@@ -223,8 +223,6 @@ def _main(FLAGS) -> None:
     print(f"\nbest epoch {best} (selected on valid {config.eval.valid_metric})\n{table}")
   if config.stage == "export" and main_process:
     print(f"export: {os.path.join(workdir, 'export')} (files described in docs/formats.md)")
-  if config.stage == "export" and main_process:
-    print(f"export: {os.path.join(workdir, 'export')} (files described in docs/formats.md)")
   if results and main_process:
     print(f"results: {os.path.join(workdir, 'results.json')}")
     sys.stdout.flush()
@@ -234,5 +232,6 @@ def _main(FLAGS) -> None:
 
 
 if __name__ == "__main__":
+  distributed.configure_xla()  # before JAX starts its backend (at the first computation)
   define_flags()
   app.run(main, flags_parser=parse_flags)

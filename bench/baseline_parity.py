@@ -32,6 +32,9 @@ from absl import flags
 from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignrec_jax.train import distributed  # noqa: E402
+
+distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 from alignrec_jax import main as main_lib  # noqa: E402
 from configs import lfm2k  # noqa: E402

@@ -28,6 +28,9 @@ from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
+from alignrec_jax.train import distributed  # noqa: E402
+
+distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 _SIZE = flags.DEFINE_string("size", "base", "MMEnc size preset (models/mmenc.py SIZES)")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "image size in pixels")

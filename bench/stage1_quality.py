@@ -29,6 +29,9 @@ from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignrec_jax.train import distributed  # noqa: E402
+
+distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ml100k_posters.py", "stage-1 config")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/stage1_quality", "where both stage-1 runs live")

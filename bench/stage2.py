@@ -33,6 +33,9 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignrec_jax.train import distributed  # noqa: E402
+
+distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

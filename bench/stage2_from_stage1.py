@@ -22,6 +22,9 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alignrec_jax.train import distributed  # noqa: E402
+
+distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 # compare's own flags (--config, --workdir, --seeds, and --config.* overrides) serve here too; --models is not used
 from alignrec_jax import compare  # noqa: E402

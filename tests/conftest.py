@@ -14,6 +14,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)  # `configs` is imported by path-loaded config files
 
+from alignrec_jax.train import distributed  # noqa: E402  (imports no JAX)
+
+distributed.configure_xla()
+
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 

@@ -127,8 +127,8 @@ def test_a_diverged_run_exits_1_and_outputs_are_group_readable(tmp_path):
   assert not (tmp_path / "run" / "results.json").exists()
   old = os.umask(0o022)
   try:
-    from alignrec_jax.train import pretrain
-    pretrain._write_json(str(tmp_path / "x.json"), {})  # pylint: disable=protected-access  (the mkstemp writer)
+    from alignrec_jax.data import atomic
+    atomic.write_json(str(tmp_path / "x.json"), {})  # the package's one writer (mkstemp underneath)
   finally:
     os.umask(old)
   for path in (tmp_path / "run" / "config.json", tmp_path / "x.json"):

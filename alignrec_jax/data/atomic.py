@@ -26,3 +26,11 @@ def atomic_open(path: str, mode: str = "w"):
     os.unlink(tmp)
     raise
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+  """`obj` as JSON (with a final newline), written atomically."""
+  import json  # placeholder until the shared writer lands
+  with atomic_open(path) as f:
+    json.dump(obj, f, indent=indent)
+    f.write("\n")

@@ -252,11 +252,10 @@ def _resolve(root: str, name: str) -> str:
 
 
 def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
-  """Loads the dataset that `config.data` describes (see configs/base.py)."""
+  """Loads the dataset that `config.data` describes (see configs/base.py): the interactions and the feature files
+  under `root`. The stage-1 table of `data.features_from` and the generated default data are the trainer's to add
+  (train/bridge.load_dataset)."""
   root = os.path.expanduser(data_config.root)
-  if data_config.get("synthetic", False):
-    from alignrec_jax.data import synthetic  # imported lazily: only the default data needs it
-    synthetic.ensure_synthetic_dataset(root)
   if not data_config.name:
     raise ValueError("config.data.name is empty: set it to the dataset name (the .inter file is <root>/<name>.inter)")
   inter_path = _resolve(root, data_config.inter_file or f"{data_config.name}.inter")
@@ -288,11 +287,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
     held_out[name] = rows
 
   features = {}
-  if data_config.get("features_from", ""):
-    from alignrec_jax.train import bridge  # stage-1 output, restored from its orbax checkpoint
-    features["image"] = bridge.load_feature_table(os.path.expanduser(data_config.features_from), n_items,
-                                                  variant=data_config.get("features_variant", "full"))
-  elif data_config.image_feat:
+  if data_config.image_feat and not data_config.get("features_from", ""):
     features["image"] = load_features(_resolve(root, data_config.image_feat), n_items)
   if data_config.text_feat:
     features["text"] = load_features(_resolve(root, data_config.text_feat), n_items)

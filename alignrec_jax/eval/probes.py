@@ -45,6 +45,8 @@ import numpy as np
 
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
+from alignrec_jax.train import bridge
+from alignrec_jax.train import recommend
 
 CLASSES = ("zero_shot", "item_cf", "mask_modality")
 _EPS = 1e-12
@@ -91,7 +93,6 @@ def load_feature_spec(spec: str, n_items: int, data_root: str, seed: int) -> dic
   if not os.path.isabs(path) and not os.path.exists(path) and data_root:
     path = os.path.join(os.path.expanduser(data_root), path)
   if os.path.isdir(path):
-    from alignrec_jax.train import bridge  # stage-1 output (orbax); imported only when a workdir is probed
     tables = {"full": bridge.load_feature_table(path, n_items, "full")}
     for variant in ("mask_image", "mask_text"):
       try:
@@ -246,7 +247,6 @@ def masked_tables(tables: Mapping[str, np.ndarray], masked: np.ndarray) -> dict[
 
 def _stage2(config, workdir: str, feature_path: str) -> dict:
   """Trains stage 2 on one feature file in its own workdir (resumable) and returns its best valid/test metrics."""
-  from alignrec_jax.train import recommend  # imported here: zero-shot/item-CF do not need the trainer
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.stage = "train"
@@ -286,7 +286,8 @@ def probe_features(features: np.ndarray, data: mmrec.RecData, splits: Mapping[st
   return out
 
 
-def _check_config(config) -> None:
+def check_config(config) -> None:
+  """The probe section of `config` (main.py calls it before the workdir is touched)."""
   unknown = sorted(set(config.probe.classes) - set(CLASSES))
   if unknown or not config.probe.classes:
     raise ValueError(f"config.probe.classes={tuple(config.probe.classes)}: expected a non-empty subset of {CLASSES}")
@@ -297,7 +298,7 @@ def _check_config(config) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Probes every table of `config.probe.features` (see the module docstring); writes <workdir>/results.json."""
-  _check_config(config)
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   probe_cfg, ev = config.probe, config.eval
   specs = [parse_feature_spec(e) for e in probe_cfg.features]
@@ -311,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if specs:  # the probed tables replace the dataset's own features: do not require those
     with data_cfg.unlocked():
       data_cfg.image_feat, data_cfg.text_feat, data_cfg.features_from = "", "", ""
-  data = mmrec.load_dataset(data_cfg)
+  data = bridge.load_dataset(data_cfg)
   logging.info("probe on %s", data.summary())
   splits = {name: ranking.make_eval_split(data, name) for name in ("valid", "test")}
   item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None

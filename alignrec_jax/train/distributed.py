@@ -12,6 +12,20 @@ from typing import Optional
 from absl import logging
 
 
+# XLA:CPU's YNNPACK fusion (jaxlib 0.10) merges a matmul with the reduction that consumes it into one kernel that
+# runs several times slower than the plain matmul, and the similarity-preserving loss and InfoNCE are exactly that
+# pattern (docs/experiments.md has the measurement).
+_NO_YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def configure_xla(environ=None) -> None:
+  """Sets the process's XLA flags; every entry point (main, compare, the benches, the tests) calls it before JAX
+  starts its backend. A user who sets the flag in XLA_FLAGS keeps their own value."""
+  environ = os.environ if environ is None else environ
+  if "xla_cpu_experimental_ynn_fusion_type" not in environ.get("XLA_FLAGS", ""):
+    environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {_NO_YNN_FUSION}".strip()
+
+
 def _cluster_wants_distributed(environ) -> bool:
   """True under a launcher that starts several cooperating processes (Slurm tasks, multi-worker TPU VMs)."""
   if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:

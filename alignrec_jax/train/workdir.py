@@ -25,6 +25,8 @@ import socket
 
 from absl import logging
 
+from alignrec_jax.data import atomic
+
 LOCK_NAME = ".lock"
 CONFIG_NAME = "run_config.json"
 
@@ -148,15 +150,6 @@ def has_checkpoint(directory: str) -> bool:
                                           for n in os.listdir(directory))
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON through a temporary file and a rename; the file gets the process's umask (e.g. 0644)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def check_or_record(config, directory: str, stage: int, main_process: bool = True) -> None:
   """Refuses a resume of `directory` with other settings; records the config when the directory has no checkpoint.
 
@@ -183,4 +176,4 @@ def check_or_record(config, directory: str, stage: int, main_process: bool = Tru
       return
   if main_process:
     os.makedirs(directory, exist_ok=True)
-    write_json_atomic(path, json.loads(config.to_json_best_effort()))
+    atomic.write_json(path, json.loads(config.to_json_best_effort()))
