@@ -46,6 +46,8 @@ import numpy as np
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
+from alignrec_jax.train import bridge
+from alignrec_jax.train import recommend
 
 CLASSES = ("zero_shot", "item_cf", "mask_modality")
 _EPS = 1e-12
@@ -87,7 +89,6 @@ def load_feature_spec(spec: str, n_items: int, data_root: str, seed: int) -> dic
   if not os.path.isabs(path) and not os.path.exists(path) and data_root:
     path = os.path.join(os.path.expanduser(data_root), path)
   if os.path.isdir(path):
-    from alignrec_jax.train import bridge  # stage-1 output (orbax); imported only when a workdir is probed
     tables = {"full": bridge.load_feature_table(path, n_items, "full")}
     for variant in ("mask_image", "mask_text"):
       try:
@@ -242,7 +243,6 @@ def masked_tables(tables: Mapping[str, np.ndarray], masked: np.ndarray) -> dict[
 
 def _stage2(config, workdir: str, feature_path: str) -> dict:
   """Trains stage 2 on one feature file in its own workdir (resumable) and returns its best valid/test metrics."""
-  from alignrec_jax.train import recommend  # imported here: zero-shot/item-CF do not need the trainer
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.stage = "train"

@@ -25,6 +25,7 @@ from typing import Mapping, Optional, Sequence
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from alignrec_jax.data.mmrec import RecData, interactions_to_csr
@@ -184,7 +185,6 @@ def _over_processes(local_fn, n_eval: int, k: int, fill: int) -> np.ndarray:
   n_proc = jax.process_count()
   if n_proc == 1:
     return local_fn(0, n_eval)
-  from jax.experimental import multihost_utils
   block = -(-n_eval // n_proc)
   lo = min(n_eval, jax.process_index() * block)
   hi = min(n_eval, lo + block)
