@@ -1,12 +1,9 @@
 """AlignRec stage 2 on one of the paper's Amazon sets (Baby, Sports and Outdoors, Electronics), paper settings.
 
-  python -m alignrec_jax.main --config=configs/amazon.py:baby --workdir=/tmp/alignrec_baby
-  (or :sports, :elec)
+  python -m alignrec_jax.main --config=configs/amazon.py:baby --workdir=/tmp/alignrec_baby   # or :sports, :elec
 
-  set     users    items  interactions
-  baby    19,445   7,050     160,792
-  sports  35,598  18,357     296,337
-  elec   192,403  63,001   1,689,188
+Users / items / interactions: baby 19,445 / 7,050 / 160,792; sports 35,598 / 18,357 / 296,337; elec 192,403 /
+63,001 / 1,689,188.
 
 Data (MMRec layout, relative to the directory the command runs in; override with --config.data.root=DIR):
   data/<name>/<name>.inter    MMRec's 5-core interactions with the x_label split (MMRec toolbox data release)

@@ -2,8 +2,7 @@
 
 A file appears at its path only once completely written (a temporary file in the same folder, then a rename), with
 the mode a plain open() would give it under the process's umask: `tempfile.mkstemp` alone creates 0600, which hides
-results from the rest of the group. A write that fails leaves neither the file nor the temporary file behind.
-`write_json`, `write_text` and `save_npy` cover the package's JSON, text and `.npy` results.
+results from the rest of the group. A failed write leaves neither the file nor its temporary file behind.
 """
 
 import contextlib
