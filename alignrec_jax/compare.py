@@ -37,7 +37,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from alignrec_jax.train import workdir as workdir_lib
+from alignrec_jax.data import atomic
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -95,13 +95,6 @@ def apply_overrides(config, model_name: str, seed: int, overrides: dict):
   return config
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _flatten(tree, prefix: str = "") -> dict:
   """{dotted key: leaf} of nested dicts."""
   out = {}
@@ -146,7 +139,7 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       raise ValueError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
                        f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
   else:
-    workdir_lib.write_json_atomic(id_path, identity)
+    atomic.write_json(id_path, identity)
   results_path = os.path.join(workdir, "results.json")
   if recorded_before and os.path.exists(results_path):
     with open(results_path, encoding="utf-8") as f:
@@ -249,11 +242,11 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
         "runs": {str(s): {k: r.get(k) for k in ("workdir", "best_epoch", "valid", "test")} for s, r in runs.items()},
         "test": stats["test"], "valid": stats["valid"], "grid": grid_runs}
     # partial tables survive an interruption
-    workdir_lib.write_json_atomic(os.path.join(workdir, "comparison.json"), comparison)
+    atomic.write_json(os.path.join(workdir, "comparison.json"), comparison)
   table = markdown_table(comparison)
-  _write_text(os.path.join(workdir, "comparison.md"),
-              f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds "
-              f"{seeds}\n\n{table}")
+  atomic.write_text(os.path.join(workdir, "comparison.md"),
+                    f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds "
+                    f"{seeds}\n\n{table}")
   return comparison
 
 

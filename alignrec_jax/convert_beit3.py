@@ -24,8 +24,10 @@ from absl import logging
 import jax
 import numpy as np
 
+from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.models import beit3_convert
 from alignrec_jax.models import mmenc
+from alignrec_jax.train import init_from
 
 
 def read_state_dict(path: str) -> dict:
@@ -75,7 +77,6 @@ def heads_for(dims: dict, heads: int = 0) -> int:
 
 def convert_state_dict(state: dict, image_size: int = 0, max_text_len: int = 0, heads: int = 0) -> tuple:
   """(beit3 params, meta) for a state dict; 0 = keep the checkpoint's image size / text length."""
-  from alignrec_jax.train import init_from  # pylint: disable=g-import-not-at-top
   encoder, dropped = beit3_convert.split_heads_and_encoder(state)
   dims = beit3_convert.infer_dims(encoder)
   source = {"image_size": dims["image_size"], "max_text_len": dims["max_text_len"]}
@@ -112,8 +113,6 @@ def define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from alignrec_jax.data.mmrec import DataError  # pylint: disable=g-import-not-at-top
-  from alignrec_jax.train import init_from  # pylint: disable=g-import-not-at-top
   try:
     state = read_state_dict(FLAGS.checkpoint)
     params, meta = convert_state_dict(state, FLAGS.image_size, FLAGS.max_text_len, FLAGS.heads)

@@ -38,12 +38,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
 from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
-from alignrec_jax.train import recommend as recommend_lib
 from alignrec_jax.train import state as state_lib
 
 EXPORT_DIR = "export"
@@ -254,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sha256": {name: _sha256(os.path.join(tmp, name)) for name in FILES},
         "config": json.loads(config.to_json_best_effort()),
     }
-    recommend_lib.write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+    atomic.write_json(os.path.join(tmp, "manifest.json"), manifest)
   logging.info("exported the best epoch %d (valid %s %s) of %s to %s: %d users x %d items, d=%d, %d top-k rows",
                manifest["best_epoch"], valid_metric, manifest["selected_on"]["value"], workdir, out_dir,
                user_emb.shape[0], item_emb.shape[0], user_emb.shape[1], n_rows)

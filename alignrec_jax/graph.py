@@ -186,7 +186,7 @@ def propagate(graph: Graph, x: jax.Array, method: str = "segment_sum") -> jax.Ar
   """A @ x for A = `graph` [n_dst, n_src] and x [n_src, d] -> [n_dst, d]. The one propagation of every model.
 
   method: "segment_sum" (custom VJP: the backward is a propagation over the transposed edges); "gather" (the same
-    with padded neighbour lists, all gathers: 3x faster on XLA:CPU, see bench/propagation.py; used for graphs
+    with padded neighbour lists, all gathers: faster on XLA:CPU, see bench/propagation.py; used for graphs
     built `with_ell`, others fall back to segment_sum); or "autodiff" (plain segment_sum, XLA's own transpose; kept
     for the benchmark).
   """

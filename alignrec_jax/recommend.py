@@ -14,6 +14,9 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
+
+from alignrec_jax.data.mmrec import DataError
 
 _TEXT_WIDTH = 70  # characters of item text per line (items.tsv texts can be long)
 
@@ -50,10 +53,8 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   if (FLAGS.user is None) == (FLAGS.item is None):
     sys.exit("error: give exactly one of --user=ID (recommendations) or --item=ID (similar items)")
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   from alignrec_jax import export  # pylint: disable=g-import-not-at-top  (JAX: keeps --help fast)
-  from alignrec_jax.data.mmrec import DataError  # pylint: disable=g-import-not-at-top
   try:
     run = export.load_run(FLAGS.workdir)
     about = (f"{run.config.data.name}, model {run.config.model.name}, best epoch {run.best_epoch} "

@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from alignrec_jax.data import atomic
+
 _OUT = flags.DEFINE_string("out", None, "Output folder for report.md and the PNGs (default: <first workdir>/report).")
 _METRICS = flags.DEFINE_list("metrics", ["recall@10", "recall@20", "ndcg@10", "ndcg@20"],
                              "Metric columns of the tables.")
@@ -334,10 +336,7 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
 
   path = os.path.join(out_dir, "report.md")
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  os.replace(tmp, path)
+  atomic.write_text(path, "\n".join(lines))
   logging.info("report: %s (plots: %s)", path, ", ".join(plots) or "none")
   return path
 

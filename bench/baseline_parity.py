@@ -37,6 +37,7 @@ from alignrec_jax.train import distributed  # noqa: E402
 distributed.configure_xla()  # before JAX starts its backend: the package itself sets no flags
 
 from alignrec_jax import main as main_lib  # noqa: E402
+from alignrec_jax.data import atomic  # noqa: E402
 from configs import lfm2k  # noqa: E402
 
 METRIC = "recall@20"
@@ -117,9 +118,7 @@ def run_seed(config, workdir: str) -> dict:
       with open(results_path, encoding="utf-8") as f:
         return json.load(f)
   else:
-    with open(id_path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(identity, f, indent=2)
-    os.replace(id_path + ".tmp", id_path)
+    atomic.write_json(id_path, identity)
   return main_lib.run(config, workdir)
 
 

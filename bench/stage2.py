@@ -10,8 +10,7 @@ paper's shape, trainable as in the reference (accuracy on random features means 
 (d 64, 2 + 1 layers, k 10, batch 2048). Timed exactly as the trainer runs: the same pmap step, blocking on every
 step, the sampler included; compilation excluded (compile_s is reported separately).
 
-The reference implementation on this 2-core CPU: median 39 s per training epoch, 2.1 s per evaluation pass,
-1.56 GB peak RSS.
+The reference implementation's figures on the development machine, for comparison: docs/experiments.md.
 
 --scale=elec replaces baby.inter by generated interactions of Amazon Electronics' shape (192,403 users, 63,001
 items, 1,689,188 interactions, at least 5 per user, Zipf-like item popularity, 80/10/10 per user) to check that

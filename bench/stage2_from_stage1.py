@@ -28,6 +28,7 @@ distributed.configure_xla()  # before JAX starts its backend: the package itself
 
 # compare's own flags (--config, --workdir, --seeds, and --config.* overrides) serve here too; --models is not used
 from alignrec_jax import compare  # noqa: E402
+from alignrec_jax.data import atomic  # noqa: E402
 
 _STAGE1 = flags.DEFINE_string("stage1", None, "bench/stage1_quality.py workdir (holds pretrained/ and random/)")
 flags.mark_flags_as_required(["stage1"])
@@ -59,8 +60,8 @@ def main(argv):
     result = compare.compare(config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
     merged["models"][arm] = result["models"][model]
   table = compare.markdown_table(merged)
-  compare._write_text(os.path.join(workdir, "stage2_from_stage1.md"),  # atomic, as compare's own tables
-                      f"# {merged['dataset']}: stage 2 on stage-1 features, test at the best valid epoch\n\n{table}")
+  atomic.write_text(os.path.join(workdir, "stage2_from_stage1.md"),
+                    f"# {merged['dataset']}: stage 2 on stage-1 features, test at the best valid epoch\n\n{table}")
   print("\n" + table)
   summary = {arm: {f"test_recall@20_{k}": entry["test"]["recall@20"][k] for k in ("mean", "std", "values")}
              for arm, entry in merged["models"].items()}

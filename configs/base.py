@@ -1,8 +1,10 @@
 """Base configuration shared by every dataset config.
 
-Each dataset config calls `get_base_config()` and overrides what differs. Every key that exists here can be
-overridden from the command line (`--config.optim.lr=5e-4`); a key that does not exist is an error.
+Not run by itself: each dataset config calls `get_base_config()` and states only what differs. Every key that
+exists here can be overridden from the command line (`--config.optim.lr=5e-4`); a key that does not exist is an error.
 """
+
+import os
 
 import ml_collections
 
@@ -92,7 +94,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   export.item_table = ""        # tab-separated itemID -> text table under data.root ("" = data.items_file if present)
   export.item_text = "text"     # its column that names an item (recommend CLI, Run.item_text)
 
-    # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), docs/method.md §2
+  # ---------------------------------------------------------------- stage 1 (MMEnc + ICA), docs/method.md §2
   config.pretrain = pre = ml_collections.ConfigDict()
   pre.size = "tiny"             # tiny | small (CPU) | base | large (BEiT-3's; models/mmenc.py)
   pre.image_size = 32
@@ -133,34 +135,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def get_amazon_paper_config(name: str) -> ml_collections.ConfigDict:
-  """AlignRec stage 2 on one of the paper's Amazon sets (baby, sports, elec) in the MMRec layout, paper settings.
 
-  Data under data/<name>/ relative to the working directory: <name>.inter and AlignRec's released fused features
-  (data/beit3_128token_add_title_brand_to_text/<name>_beit3_128token_add_title_brand_to_text/image_feat.npy).
-  Settings (docs/method.md §7): d 64, 2 user-item layers, 1 item-item layer, k 10, batch 2048, reg 1e-4,
-  ui_cosine 0.1, stopping 30; lr 5e-4, cl 0.01, sim 0.1 is the reference's one commented-in grid point.
-  """
-  config = get_base_config()
-  config.stage = "train"
-  config.data.name = name
-  config.data.root = f"data/{name}"
-  config.data.image_feat = (f"../beit3_128token_add_title_brand_to_text/{name}_beit3_128token_add_title_brand_to_text/"
-                            "image_feat.npy")
-  config.data.text_feat = ""
-
-  config.model.embedding_size = 64
-  config.model.n_ui_layers = 2
-  config.model.n_ii_layers = 1
-  config.model.knn_k = 10
-
-  config.optim.lr = 5e-4
-  config.loss.cl_weight = 0.01
-  config.loss.sim_weight = 0.1
-  config.loss.ui_cosine_weight = 0.1
-  config.loss.reg_weight = 1e-4
-
-  config.train.batch_size = 2048
-  config.train.epochs = 1000
-  config.train.stopping_step = 30
-  return config
+def shared_data_root(name: str) -> str:
+  """<repository>/../shared/data/<name>: where the project's real data sets live beside the repository."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.normpath(os.path.join(repo, os.pardir, "shared", "data", name))

@@ -11,28 +11,24 @@ paper's Amazon sets `baby`, `sports`, `elec` with the raw content table data/<na
 path) beside <name>.inter. Stage 1: MMEnc = BEiT-3 base (12 layers, 768, 12 heads), 224 px images in 16 px patches,
 128 text tokens, ICA = MLM + pixel-regression MIM only (ITC and the [CLS] bag-of-words term, this project's
 extensions, stay off), AdamW lr 5e-5 for 1,000 steps of batch 64 from the converted weights. Stage 2 trains AlignRec
-on the extracted visual-[CLS] features with the paper's settings (configs/base.py get_amazon_paper_config).
+on the extracted visual-[CLS] features with the paper's settings (configs/amazon.py).
 `--config.pretrain.steps=0` extracts the released encoder's own features ("BEiT-3 without ICA").
 """
 
-from configs import base
+from configs import amazon
 from configs import ml100k_posters
 
 
 def get_config(data: str = "ml100k_posters"):
   if data == "ml100k_posters":
     config = ml100k_posters.get_config()
-  elif data in ("baby", "sports", "elec"):
-    config = base.get_amazon_paper_config(data)
+  elif data in amazon.DATASETS:
+    config = amazon.get_config(data)
     config.stage = "all"
-    config.data.items_file = "items.tsv"
     config.data.image_feat = ""  # the features come from stage 1
   else:
-    raise ValueError(f"configs/beit3_base.py:{data}: the data must be ml100k_posters, baby, sports or elec")
-  paper = base.get_amazon_paper_config("baby")  # stage-2 settings of the paper
-  config.model, config.loss, config.optim = paper.model, paper.loss, paper.optim
-  config.train.batch_size, config.train.epochs = paper.train.batch_size, paper.train.epochs
-  config.train.stopping_step = paper.train.stopping_step
+    raise ValueError(f"configs/beit3_base.py:{data}: the data must be ml100k_posters, {', '.join(amazon.DATASETS)}")
+  config.optim.lr = amazon.PAPER_LR  # stage 2: the paper's settings, base.py's defaults but for this
 
   pre = config.pretrain
   pre.size = "base"
@@ -40,14 +36,10 @@ def get_config(data: str = "ml100k_posters"):
   pre.patch_size = 16
   pre.max_text_len = 128
   pre.vocab_size = 64010        # BEiT-3's sentencepiece vocabulary
-  pre.itc_weight = 0.0
-  pre.cls_bow_weight = 0.0
-  pre.vl_ffn_layers = 0
-  pre.batch_size = 64
+  pre.cls_bow_weight = 0.0      # ml100k_posters' extension off: the paper's ICA
   pre.steps = 1000
   pre.lr = 5e-5
   pre.warmup_steps = 100
-  pre.weight_decay = 0.05
   pre.checkpoint_every = 250
   pre.log_every = 50
   pre.extract_batch_size = 64

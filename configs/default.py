@@ -3,9 +3,9 @@
   python -m alignrec_jax.main --config=configs/default.py --workdir=/tmp/alignrec_default
 
 The data (users, items with a small rendered image and a short text sharing latent topics, and interactions drawn
-from user-topic affinity) is generated on first use into data.root (seconds; nothing is downloaded). Stage 1
-pre-trains a tiny MMEnc on the images and texts, extracts one feature per item, and stage 2 trains AlignRec on
-those features.
+from user-topic affinity) is generated on first use into data.root (seconds; nothing is downloaded), with a cheap
+content feature in base.py's image_feat.npy slot (what stage=train alone trains on). Stage 1 pre-trains a small
+MMEnc on the images and texts, extracts one feature per item, and stage 2 trains AlignRec on those features.
 """
 
 import os
@@ -19,15 +19,13 @@ def get_config():
   config.data.name = "default"
   config.data.synthetic = True
   config.data.root = os.path.join("~", ".cache", "alignrec_jax", "synthetic")
-  config.data.image_feat = "image_feat.npy"  # the generator's cheap content feature (used by stage=train alone)
 
   config.train.batch_size = 1024
   config.train.epochs = 200
   config.train.stopping_step = 20
-  config.optim.lr = 1e-3
 
-  # small (4 x 128): at tiny (2 x 64, the oracle fixture's shape) the [CLS] features of this data collapse to ~3
-  # directions and stage 2 ends at test Recall@20 0.19 (best epoch 15) instead of 0.27
+  # small (4 x 128): at tiny (2 x 64, the oracle fixture's shape) the [CLS] features of this data collapse to a few
+  # directions and stage 2 ends far lower (docs/experiments.md)
   config.pretrain.size = "small"
   config.pretrain.steps = 300
   return config

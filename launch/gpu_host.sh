@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One host, all its GPUs, one process: pmap spreads each batch over every visible GPU.
-#   launch/gpu_host.sh --config=configs/baby.py --workdir=/data/runs/baby
+#   launch/gpu_host.sh --config=configs/amazon.py:baby --workdir=/data/runs/baby
 # Install the CUDA build of JAX first, at the same version as requirements.txt:
 #   pip install -r requirements.txt "jax[cuda12]==$(grep '^jax==' requirements.txt | cut -d= -f3)"
 set -euo pipefail

@@ -3,7 +3,7 @@
 # TPU VM's metadata. The repository must already be on every worker (e.g. via --worker=all scp or a shared disk),
 # and the workdir must be a path every worker mounts (NFS/Filestore); gs:// URLs are not supported (files are
 # written with os/open).
-#   launch/tpu_pod.sh my-tpu us-central2-b --config=configs/elec.py --workdir=/mnt/shared/runs/elec
+#   launch/tpu_pod.sh my-tpu us-central2-b --config=configs/amazon.py:elec --workdir=/mnt/shared/runs/elec
 set -euo pipefail
 TPU_NAME=${1:?usage: tpu_pod.sh TPU_NAME ZONE [main.py flags...]}
 ZONE=${2:?usage: tpu_pod.sh TPU_NAME ZONE [main.py flags...]}

@@ -26,6 +26,8 @@ from typing import Iterable, Sequence
 from absl import logging
 import numpy as np
 from PIL import Image
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import DataError
@@ -120,11 +122,6 @@ def load_image(path: str, size: int, where: str = "") -> np.ndarray:
     raise DataError(f"{where or path}: cannot decode image {path} ({type(e).__name__}: {e})") from None
 
 
-def _sentencepiece():
-  import sentencepiece  # pylint: disable=g-import-not-at-top  (stage 1 only)
-  return sentencepiece
-
-
 class Tokenizer:
   """A sentencepiece model with fairseq's (XLM-R's, BEiT-3's) ids; see the module docstring.
 
@@ -137,7 +134,7 @@ class Tokenizer:
   """
 
   def __init__(self, model_proto: bytes, where: str = "tokenizer"):
-    sp = _sentencepiece().SentencePieceProcessor()
+    sp = sentencepiece.SentencePieceProcessor()
     try:
       sp.LoadFromSerializedProto(bytes(model_proto))
     except (RuntimeError, OSError, TypeError) as e:
@@ -157,7 +154,6 @@ class Tokenizer:
     Deterministic: one thread, every text used in order (no sampling), a fixed seed; the same texts give the same
     model byte for byte. Every character of the texts gets a piece (character coverage 1).
     """
-    spm = _sentencepiece()
     texts = [t for t in texts if t.strip()]
     if not texts:
       raise DataError("the item texts are all empty: nothing to train the tokenizer on")
@@ -166,9 +162,9 @@ class Tokenizer:
       raise DataError(f"config.pretrain.vocab_size={vocab_size} leaves no room for pieces beside the special "
                        "tokens")
     model = io.BytesIO()
-    spm.set_random_generator_seed(_TRAIN_SEED)
+    sentencepiece.set_random_generator_seed(_TRAIN_SEED)
     try:
-      spm.SentencePieceTrainer.train(
+      sentencepiece.SentencePieceTrainer.train(
           sentence_iterator=iter(texts), model_writer=model, model_type="unigram", vocab_size=n_pieces,
           hard_vocab_limit=False, character_coverage=1.0, num_threads=1, input_sentence_size=0,
           shuffle_input_sentence=False, max_sentence_length=1 << 16, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
@@ -233,7 +229,6 @@ class Tokenizer:
   def from_pieces(cls, pieces: Sequence[str]) -> "Tokenizer":
     """A unigram model over exactly `pieces` (equal scores; "▁" starts a word), no normalisation: a tokenizer of a
     chosen size without training one (benchmarks)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=g-import-not-at-top
     proto = pb.ModelProto()
     kinds = pb.ModelProto.SentencePiece
     for piece, kind in ((UNK, kinds.UNKNOWN), (BOS, kinds.CONTROL), (EOS, kinds.CONTROL)):

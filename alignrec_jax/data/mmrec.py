@@ -21,6 +21,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from alignrec_jax.data import atomic
+
 SPLITS = ("train", "valid", "test")
 
 _WHERE_DATA_COMES_FROM = (
@@ -297,10 +299,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
 
 def write_inter(path: str, pairs_by_split: Mapping[str, np.ndarray]) -> None:
   """Writes `(user, item)` pairs per split as an MMRec `.inter` file (atomically). Used for generated data."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic.atomic_open(path) as f:
     f.write("userID\titemID\tx_label\n")
     for label, name in enumerate(SPLITS):
       for u, i in np.asarray(pairs_by_split[name]).reshape(-1, 2):
         f.write(f"{u}\t{i}\t{label}\n")
-  os.replace(tmp, path)

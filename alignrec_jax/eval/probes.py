@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
 from alignrec_jax.train import bridge
@@ -54,11 +55,6 @@ _MAX_BLOCK_ELEMENTS = 1 << 24  # rows x n_items per jitted block (64 MB of float
 
 
 # --------------------------------------------------------------------------------------------------- feature specs
-
-def _write_npy_atomic(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp{os.getpid()}.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
 
 
 def parse_feature_spec(entry: str) -> tuple[str, str]:
@@ -229,7 +225,7 @@ def masked_item_set(n_items: int, ratio: float, seed: int, path: str, reuse: str
   else:
     perm = np.random.default_rng(seed).permutation(n_items)
   if source != path:  # this workdir keeps the permutation it used
-    _write_npy_atomic(path, perm.astype(np.int64))
+    atomic.save_npy(path, perm.astype(np.int64))
   return np.sort(perm[:int(round(ratio * n_items))])
 
 
@@ -359,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       out = {}
       for variant, table in runs.items():
         path = os.path.join(feat_dir, f"{name}.{variant}.npy")
-        _write_npy_atomic(path, table)
+        atomic.save_npy(path, table)
         out[variant] = _stage2(config, os.path.join(workdir, "mask_modality", name, variant), path)
         logging.info("mask-modality %s/%s: test %s %.4f", name, variant, ev.valid_metric,
                      out[variant]["test"].get(ev.valid_metric, float("nan")))
@@ -367,11 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results["seconds"][name]["mask_modality"] = round(time.time() - t0, 3)
 
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, f"results.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
-      f.write("\n")
-    os.replace(tmp, os.path.join(workdir, "results.json"))
+    atomic.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("\n%s", format_probe_table(results, ev.valid_metric))
   return results
 

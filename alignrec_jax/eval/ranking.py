@@ -20,12 +20,12 @@ up to the overall value (before rounding) and read as "the share of Recall@20 ea
 """
 
 import dataclasses
-import functools
 from typing import Mapping, Optional, Sequence
 
 import flax.jax_utils
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from alignrec_jax.data.mmrec import RecData, interactions_to_csr
@@ -185,7 +185,6 @@ def _over_processes(local_fn, n_eval: int, k: int, fill: int) -> np.ndarray:
   n_proc = jax.process_count()
   if n_proc == 1:
     return local_fn(0, n_eval)
-  from jax.experimental import multihost_utils
   block = -(-n_eval // n_proc)
   lo = min(n_eval, jax.process_index() * block)
   hi = min(n_eval, lo + block)
@@ -198,7 +197,7 @@ def _over_processes(local_fn, n_eval: int, k: int, fill: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- the rank path (no top-k)
 #
 # Every metric above depends only on WHERE the user's held-out items land in the top max(K), so instead of a top-k
-# over all items (XLA:CPU's TopK costs ~45 µs per row of 7,050 items, most of an evaluation pass) each held-out
+# over all items (XLA:CPU's TopK is most of an evaluation pass; docs/experiments.md) each held-out
 # item t gets its rank directly: the number of the user's candidates that beat it,
 #   rank(t) = #{j unmasked : s_j > s_t  or  (s_j == s_t and j < t)},
 # which is exactly its position in `jax.lax.top_k`'s list (ties go to the lower item id). The count is a fused
@@ -207,14 +206,14 @@ def _over_processes(local_fn, n_eval: int, k: int, fill: int) -> np.ndarray:
 # items (most have one), scored in small chunks that stay in cache. Used when every user keeps at least max(K)
 # candidates (then a masked held-out item can never enter the top max(K)); otherwise the top-k path runs.
 
-_RANK_CHUNK = 64          # users scored together: a [64, n_items] score tile (64-256 measured; 64 fastest)
+_RANK_CHUNK = 64          # users scored together: a [64, n_items] score tile that stays in cache
 _RANK_BATCH_CHUNKS = 64   # chunks per jitted call
 
 
 def _chunk_ranks(item_emb_t, user_emb, truth, mask_rows, mask_cols, k):
   """Ranks [c, T] of the held-out items `truth` [c, T] (-1 = padding -> k) of one chunk of users [c, d].
 
-  item_emb_t: [d, n] (items along the fast axis: ~30% faster on CPU than contracting [n, d]).
+  item_emb_t: [d, n] (items along the fast axis: faster on CPU than contracting [n, d]).
   mask_rows/mask_cols [M]: the chunk's masked (row, item) pairs; row c marks padding.
   """
   scores = user_emb @ item_emb_t  # [c, n]; every comparison below reads this one matrix (bit-identical values)

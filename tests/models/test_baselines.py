@@ -1,4 +1,4 @@
-"""Baselines (issue 7): each model's forward and loss against a float64 numpy re-implementation of its MMRec
+"""Baselines: each model's forward and loss against a float64 numpy re-implementation of its MMRec
 reference, the per-device shares of the loss, FREEDOM's graphs, and a one-epoch run of every registered model."""
 
 import json
@@ -367,7 +367,7 @@ def test_hyper_parameters_come_from_config_model_name():
 
 
 def test_lfm2k_baseline_settings_are_points_of_their_grids():
-  """configs/lfm2k.py sets grid-selected baseline hyper-parameters (issue 7): each is a value of the model's
+  """configs/lfm2k.py sets grid-selected baseline hyper-parameters: each is a value of the model's
   hyper_grid() (MMRec's / the AlignRec authors' yaml), reaches the model, and the lr stays a grid value."""
   from configs import lfm2k
   config = lfm2k.get_config()

@@ -1,0 +1,15 @@
+"""The config files: the paper's Amazon sets are one config parameterised after the colon."""
+
+import pytest
+
+from configs import amazon
+
+
+@pytest.mark.parametrize("name", ["baby", "sports", "elec"])
+def test_amazon_config_reads_the_set_named_after_the_colon(name):
+  config = amazon.get_config(name)
+  assert (config.data.name, config.data.root, config.optim.lr) == (name, f"data/{name}", 5e-4)
+  assert config.data.image_feat.endswith(f"/{name}_beit3_128token_add_title_brand_to_text/image_feat.npy")
+  for arg in ("", "toys"):
+    with pytest.raises(ValueError, match=r"one of baby, sports, elec \(e.g. --config=configs/amazon.py:baby\)"):
+      amazon.get_config(arg)
