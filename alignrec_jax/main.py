@@ -141,15 +141,22 @@ def run(config, workdir: str) -> dict:
     return recommend.run(stage2, workdir)
 
 
+def _config_arg(argv) -> tuple[str, str]:
+  """(config file, the argument after its ':') of the --config flag in argv; ('', '') without one."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  path, _, arg = spec.partition(":")
+  return path, arg
+
+
 def _unknown_override(argv) -> str:
   """The first `--config.a.b=...` override whose key the config file does not define ('' if none)."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None:
+  path, arg = _config_arg(argv)
+  if not path:
     return ""
-  spec = importlib.util.spec_from_file_location("_alignrec_config", path.split(":", 1)[0])
+  spec = importlib.util.spec_from_file_location("_alignrec_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
   for arg in argv:
     if not arg.startswith("--config."):
       continue
@@ -165,15 +172,18 @@ def _unknown_override(argv) -> str:
 
 
 def parse_flags(argv):
-  """absl flag parsing that turns an unknown --config.* key into a one-line error instead of a traceback."""
+  """absl flag parsing that turns a bad config file or an unknown --config.* key into one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, flags.IllegalFlagValueError) as e:
+  except (AttributeError, KeyError, flags.IllegalFlagValueError, flags.Error) as e:
     try:
       reason = _unknown_override(argv)
-    except Exception:  # the config file itself is broken: report the original error
-      reason = ""
-    sys.exit(f"error: {reason or e}")
+    except Exception as config_error:  # the config file itself is broken: its own message, last line only
+      lines = [line for line in str(config_error).splitlines() if line.strip()]
+      reason = lines[-1] if lines else type(config_error).__name__
+      path = _config_arg(argv)[0]
+      reason = reason if path in reason else f"{path}: {reason}"
+    sys.exit(f"error: {reason or _one_line(e)}")
 
 
 def _user_errors() -> tuple:
