@@ -11,7 +11,7 @@ import pytest
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import probes, ranking
 from alignrec_jax.train import bridge
-from configs import base
+from tests.train import tiny_config
 
 EV = ml_collections.ConfigDict(dict(topk=(5, 10, 20), metrics=("recall", "ndcg", "precision", "map"),
                                     batch_users=7, valid_metric="recall@20", popularity_groups=()))
@@ -166,18 +166,11 @@ def test_feature_specs_names_and_errors(tmp_path):
 
 
 def _tiny_probe_config(root, **probe):
-  config = base.get_base_config()
-  config.stage = "probe"
-  config.data.name = "toy"
-  config.data.root = str(root)
-  config.data.image_feat = ""
-  config.model.embedding_size = 8
-  config.model.knn_k = 3
-  config.train.batch_size = 64
-  config.train.epochs = 1
-  config.train.num_devices = 1
-  config.eval.topk = (5, 10, 20)
-  config.eval.batch_users = 16
+  """tests/train/tiny_config.py probing the toy data under `root` (one epoch where stage 2 trains)."""
+  config = tiny_config.get_config()
+  config.stage, config.data.name, config.data.root, config.data.image_feat = "probe", "toy", str(root), ""
+  config.train.epochs, config.train.num_devices, config.train.stopping_step = 1, 1, 30
+  config.optim.lr, config.eval.batch_users = 1e-3, 16
   config.probe.update(probe)
   return config
 

@@ -18,6 +18,7 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.train import recommend
 from alignrec_jax.train import state as state_lib
 from configs import base
+from tests.train import tiny_config as tiny_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,19 +44,12 @@ def write_dataset(root, n_users=60, n_items=40, d_f=8, seed=0):
 
 
 def tiny_config(root, **train):
-  config = base.get_base_config()
-  config.data.name = "tiny"
+  """tests/train/tiny_config.py on the data under `root`, one device unless `num_devices` says otherwise."""
+  config = tiny_config_file.get_config()
   config.data.root = str(root)
-  config.data.image_feat = "feat.npy"
-  config.model.embedding_size = 8
-  config.model.knn_k = 3
-  config.train.batch_size = 64
   config.train.epochs = train.get("epochs", 4)
   config.train.stopping_step = train.get("stopping_step", 100)
   config.train.num_devices = train.get("num_devices", 1)
-  config.optim.lr = 0.01
-  config.eval.batch_users = 64
-  config.eval.topk = (5, 10, 20)  # 40 items
   return config
 
 
