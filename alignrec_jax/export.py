@@ -117,8 +117,7 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
                    "(no `representations`): it cannot be exported")
   inputs = model.build_inputs(data)
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
-  if hasattr(model, "inputs_after_init"):
-    inputs = model.inputs_after_init(inputs)
+  inputs = model.inputs_after_init(inputs)
   # The trainer's optimiser (train/recommend.py): its state's structure is part of every checkpoint.
   opt_state = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr)).init(params)
   directory = os.path.join(workdir, "checkpoints")

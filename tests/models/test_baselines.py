@@ -12,7 +12,7 @@ import pytest
 from alignrec_jax.data import mmrec
 from alignrec_jax.data.mmrec import RecData
 from alignrec_jax.models import baselines
-from alignrec_jax.models import get_model, registered
+from alignrec_jax.models import Recommender, get_model, registered
 from alignrec_jax.models.baselines import freedom as freedom_lib
 from configs import base
 
@@ -366,6 +366,22 @@ def test_hyper_parameters_come_from_config_model_name():
     get_model("lightgcn")(config)
 
 
+def test_every_model_follows_one_stateless_contract():
+  """Every registered model is a Recommender named by its registry name; building the inputs leaves the model
+  object as it was (the net comes from the inputs' sizes), and a model without per-epoch inputs hands back the same
+  object, which the trainer then does not place on the devices again."""
+  data = toy_data()
+  for name in registered():
+    cls = get_model(name)
+    assert issubclass(cls, Recommender) and cls.name == name
+    model = cls(toy_config())
+    before = dict(vars(model))
+    inputs = model.build_inputs(data)
+    assert vars(model) == before, name
+    assert (model.epoch_inputs(inputs, jax.random.PRNGKey(0), 0) is inputs) == (name not in ("bm3", "freedom"))
+    assert model.inputs_after_init(inputs) is inputs or name == "alignrec"
+
+
 def test_lfm2k_baseline_settings_are_points_of_their_grids():
   """configs/lfm2k.py sets grid-selected baseline hyper-parameters (issue 7): each is a value of the model's
   hyper_grid() (MMRec's / the AlignRec authors' yaml), reaches the model, and the lr stays a grid value."""
@@ -375,7 +391,7 @@ def test_lfm2k_baseline_settings_are_points_of_their_grids():
   changed = 0
   for name in BASELINES:
     cls = get_model(name)
-    grid = cls.hyper_grid() if hasattr(cls, "hyper_grid") else {}
+    grid = cls.hyper_grid()
     hp = cls(config).hp
     for key, value in config.model[name].items():
       if value != defaults[name][key]:
