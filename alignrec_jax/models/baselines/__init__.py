@@ -167,6 +167,20 @@ class TablesNet(nn.Module):
     return self.param(user, init, (self.n_users, d)), self.param(item, init, (self.n_items, d))
 
 
+class GraphNet(TablesNet):
+  """A TablesNet over graphs, propagating with one `propagation` method (graph_lib.PROPAGATION_METHODS)."""
+  propagation: str
+
+  def propagate(self, graph: graph_lib.Graph, x: jax.Array) -> jax.Array:
+    return graph_lib.propagate(graph, x, self.propagation)
+
+  def lightgcn(self, adj: graph_lib.Graph, n_layers: int, user: str = "user_embedding",
+               item: str = "item_id_embedding") -> tuple:
+    """(E_u, E_i, H_u, H_i): the ID tables (`id_tables`) and their LightGCN layer means over `adj`."""
+    user_emb, item_emb = self.id_tables(user, item)
+    return (user_emb, item_emb) + lightgcn_layers(adj, user_emb, item_emb, n_layers, self.propagation)
+
+
 class Baseline(Recommender):
   """A Recommender with its hyper-parameters `self.hp` (its `defaults` overridden by config.model.<name>)."""
   ego_suffix = ""  # `loss`'s EmbLoss tables: forward's "user"/"item" + this

@@ -41,17 +41,15 @@ class BM3Inputs(B.Sizes):
   rng: jax.Array
 
 
-class BM3Net(B.TablesNet):
+class BM3Net(B.GraphNet):
   """Returns {"user", "item": online [U|I, d]; "user_pred", "item_pred": g(online); "feat": {slot: f_m [I, d]};
   "feat_pred": {slot: g(f_m) [I, d]}}."""
   n_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: BM3Inputs) -> dict:
     d = self.embedding_size
-    user_emb, item_emb = self.id_tables()
-    user, item = B.lightgcn_layers(inputs.adj, user_emb, item_emb, self.n_layers, self.propagation)
+    _, item_emb, user, item = self.lightgcn(inputs.adj, self.n_layers)
     item = item + item_emb
     predictor = B.dense(d, d, "predictor", kernel="xavier_normal")  # bias: PyTorch default
     feat, feat_pred = {}, {}
@@ -95,7 +93,7 @@ class BM3(B.Baseline):
     return inputs.replace(rng=jnp.asarray(rng, jnp.uint32).reshape(2))
 
   def net(self, inputs: BM3Inputs) -> BM3Net:
-    return BM3Net(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_layers), self.propagation)
+    return BM3Net(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation, int(self.hp.n_layers))
 
   def representations(self, params: dict, inputs: BM3Inputs) -> tuple[jax.Array, jax.Array]:
     out = self.forward(params, inputs)

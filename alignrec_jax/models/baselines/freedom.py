@@ -77,20 +77,17 @@ def sample_kept_edges(key: jax.Array, probs: np.ndarray, n_keep: int) -> np.ndar
   return np.sort(np.argpartition(-scores, n_keep - 1)[:n_keep])
 
 
-class FreedomNet(B.TablesNet):
+class FreedomNet(B.GraphNet):
   """Returns {"user" [U, d], "item" [I, d], "feat": {slot: f_m [I, d]}} for the user-item graph `adj`."""
   n_mm_layers: int
   n_ui_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: FreedomInputs, adj: graph_lib.Graph) -> dict:
     d = self.embedding_size
-    user_emb, item_emb = self.id_tables()
-    h = item_emb
+    _, h, user, item = self.lightgcn(adj, self.n_ui_layers)
     for _ in range(self.n_mm_layers):
-      h = graph_lib.propagate(inputs.mm_adj, h, self.propagation)
-    user, item = B.lightgcn_layers(adj, user_emb, item_emb, self.n_ui_layers, self.propagation)
+      h = self.propagate(inputs.mm_adj, h)
     feat = {}
     for slot, _ in B.MODALITIES:
       if slot in inputs.features:
@@ -153,8 +150,8 @@ class Freedom(B.Baseline):
     return inputs.replace(train_adj=graph)
 
   def net(self, inputs: FreedomInputs) -> FreedomNet:
-    return FreedomNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_mm_layers),
-                      int(self.hp.n_ui_layers), self.propagation)
+    return FreedomNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation,
+                      int(self.hp.n_mm_layers), int(self.hp.n_ui_layers))
 
   def init(self, rng: jax.Array, inputs: FreedomInputs) -> dict:
     return self.net(inputs).init(rng, inputs, inputs.adj)["params"]

@@ -23,15 +23,13 @@ class GraphInputs(B.Sizes):
   adj: graph_lib.Graph
 
 
-class LightGCNNet(B.TablesNet):
+class LightGCNNet(B.GraphNet):
   """Returns {"user" [U, d], "item" [I, d] (layer means), "user_ego" [U, d], "item_ego" [I, d] (the tables)}."""
   n_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: GraphInputs) -> dict:
-    user_ego, item_ego = self.id_tables("user_emb", "item_emb")
-    user, item = B.lightgcn_layers(inputs.adj, user_ego, item_ego, self.n_layers, self.propagation)
+    user_ego, item_ego, user, item = self.lightgcn(inputs.adj, self.n_layers, "user_emb", "item_emb")
     return {"user": user, "item": item, "user_ego": user_ego, "item_ego": item_ego}
 
 
@@ -50,5 +48,4 @@ class LightGCN(B.Baseline):
     return GraphInputs(adj=adj, n_users=data.n_users, n_items=data.n_items)
 
   def net(self, inputs: GraphInputs) -> LightGCNNet:
-    return LightGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_layers),
-                       self.propagation)
+    return LightGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation, int(self.hp.n_layers))

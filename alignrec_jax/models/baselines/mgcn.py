@@ -41,17 +41,16 @@ class MGCNInputs(B.Sizes):
   features: dict
 
 
-class MGCNNet(B.TablesNet):
+class MGCNNet(B.GraphNet):
   """Returns {"user" [U, d], "item" [I, d] (fused), "side" and "content" [(U+I), d]}."""
   n_ui_layers: int
   n_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: MGCNInputs) -> dict:
     d = self.embedding_size
-    user_emb, item_emb = self.id_tables()
-    content = jnp.concatenate(B.lightgcn_layers(inputs.adj, user_emb, item_emb, self.n_ui_layers, self.propagation), 0)
+    _, item_emb, *ui = self.lightgcn(inputs.adj, self.n_ui_layers)
+    content = jnp.concatenate(ui, 0)
 
     views = []
     for slot, short in B.MODALITIES:
@@ -61,8 +60,8 @@ class MGCNNet(B.TablesNet):
       projected = B.dense(d, table.shape[1], f"{slot}_trs")(table)
       x = item_emb * nn.sigmoid(B.dense(d, d, f"gate_{short}")(projected))  # behaviour-guided purifier
       for _ in range(self.n_layers):
-        x = graph_lib.propagate(inputs.knn[slot], x, self.propagation)
-      views.append((slot, jnp.concatenate([graph_lib.propagate(inputs.user_item, x, self.propagation), x], 0)))
+        x = self.propagate(inputs.knn[slot], x)
+      views.append((slot, jnp.concatenate([self.propagate(inputs.user_item, x), x], 0)))
 
     # Behaviour-aware fuser; query_common is shared by the modalities.
     query_hidden = B.dense(d, d, "query_common_0")
@@ -98,8 +97,8 @@ class MGCN(B.Baseline):
                       n_users=data.n_users, n_items=data.n_items)
 
   def net(self, inputs: MGCNInputs) -> MGCNNet:
-    return MGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_ui_layers),
-                   int(self.hp.n_layers), self.propagation)
+    return MGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation, int(self.hp.n_ui_layers),
+                   int(self.hp.n_layers))
 
   def loss(self, params: dict, inputs: MGCNInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
