@@ -39,7 +39,8 @@ class AlignRecInputs:
 
 
 class AlignRecNet(nn.Module):
-  """Aggregator then Fuser. Returns the Aggregator's views plus "user" [U, d] and "item" [I, d] (fused)."""
+  """The Aggregator (a field, so its parameters sit under "aggregator") then the Fuser. Returns the Aggregator's
+  views plus "user" [U, d] and "item" [I, d] (fused)."""
   aggregator: Aggregator
   side_emb_div: float = 0.0
 

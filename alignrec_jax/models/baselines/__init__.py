@@ -23,7 +23,7 @@ from alignrec_jax import graph as graph_lib
 from alignrec_jax.models import default_configs  # noqa: F401  (configs/base.py reads it here)
 from alignrec_jax.models import Recommender
 from alignrec_jax.models.aggregator import torch_linear_init
-from alignrec_jax.models.aggregator import xavier_uniform  # noqa: F401  (also the model files')
+from alignrec_jax.models.aggregator import xavier_uniform
 from alignrec_jax.models.batch import whole_batch
 
 # data.features slots in MMRec's order of (v_feat, t_feat) and the short names MMRec gives their layers.
