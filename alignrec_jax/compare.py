@@ -11,7 +11,7 @@ interrupted one resumes from its checkpoint. --config.* overrides apply to every
 hyper-parameters are --config.model.<name>.<key>).
 
 --grid first trains every combination of the model's hyper-parameter grid (its `hyper_grid()`; AlignRec's is
-docs/method.md §7, below; --grid_keys restricts it to some of its keys) with the first seed, in
+docs/method.md §7; --grid_keys restricts it to some of its keys) with the first seed, in
 <workdir>/<model>/grid/<key><value>_.../, and keeps the combination with the best VALID metric (--select_metric,
 default recall@20; the first one on ties); the test split plays no part in the choice. The seeds then run with that
 combination (the first seed's run is the grid run itself).
@@ -38,13 +38,12 @@ from absl import logging
 from ml_collections import config_flags
 
 from alignrec_jax.data import atomic
+from alignrec_jax.models import get_model
+from alignrec_jax.models import registered
+from alignrec_jax.train import distributed
+from alignrec_jax.train import recommend
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-
-# AlignRec's grid (docs/method.md §7; its model file has no hyper_grid()): 7 x 5 x 5 = 175 runs.
-ALIGNREC_GRID = {"optim.lr": [0.005, 0.003, 0.001, 0.0007, 0.0005, 0.0003, 0.0001],
-                 "loss.cl_weight": [0.0001, 0.001, 0.005, 0.01, 0.1],
-                 "loss.sim_weight": [0.1, 0.2, 0.3, 0.4, 0.5]}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
@@ -60,13 +59,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def hyper_grid(model_name: str) -> dict:
   """{dotted config key: [values]} of the model's grid ({} = only its defaults)."""
-  from alignrec_jax.models import get_model
-  cls = get_model(model_name)
-  if hasattr(cls, "hyper_grid"):
-    return dict(cls.hyper_grid())
-  if model_name == "alignrec":
-    return dict(ALIGNREC_GRID)
-  return {}
+  return get_model(model_name).hyper_grid()
 
 
 def grid_combinations(grid: dict) -> list:
@@ -113,7 +106,6 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
   sections), so a result trained under other settings (a config file changed since, another --config.* override)
   is refused instead of silently reused."""
   os.makedirs(workdir, exist_ok=True)
-  from alignrec_jax.models import registered
   run_config = apply_overrides(config, model_name, seed, overrides)
   settings = json.loads(run_config.to_json())
   for other in registered():  # another model's own section (config.model.<name>) cannot change this run
@@ -145,7 +137,6 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
     with open(results_path, encoding="utf-8") as f:
       logging.info("%s seed %d: results already in %s", model_name, seed, results_path)
       return json.load(f)
-  from alignrec_jax.train import recommend
   logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
   return recommend.run(run_config, workdir)
 
@@ -217,7 +208,6 @@ def markdown_table(comparison: dict, metrics=TABLE_METRICS) -> str:
 def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False,
             select_metric: str = "recall@20", grid_keys=()) -> dict:
   """Trains every model × seed (after the grid selection with `grid`) and writes comparison.json / .md."""
-  from alignrec_jax.models import get_model
   if n_seeds < 1:
     raise ValueError(f"--seeds={n_seeds} must be >= 1")
   for name in models:
@@ -262,4 +252,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  distributed.configure_xla()  # before JAX starts its backend
   app.run(main)

@@ -36,7 +36,6 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
@@ -44,6 +43,7 @@ from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
 from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
+from alignrec_jax.train import recommend as stage2
 from alignrec_jax.train import state as state_lib
 
 EXPORT_DIR = "export"
@@ -113,30 +113,17 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
   if data is None:
     data = bridge.load_dataset(config.data)
   model = get_model(config.model.name)(config)
-  if not callable(getattr(model, "representations", None)):
-    raise RunError(f"model {config.model.name!r} gives no user/item vectors whose dot products are its scores "
-                   "(no `representations`): it cannot be exported")
   inputs = model.build_inputs(data)
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
-  if hasattr(model, "inputs_after_init"):
-    inputs = model.inputs_after_init(inputs)
-  # The trainer's optimiser (train/recommend.py): its state's structure is part of every checkpoint.
-  opt_state = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr)).init(params)
+  inputs = model.inputs_after_init(inputs)
+  opt_state = stage2.make_optimizer(config).init(params)  # its structure is part of every checkpoint
   directory = os.path.join(workdir, "checkpoints")
   try:
-    restored, meta = state_lib.restore_best_params(directory, params, opt_state)
+    params, meta = state_lib.restore_best_params(directory, params, opt_state)
   except FileNotFoundError as e:
     raise RunError(str(e)) from None
-  except ValueError as e:  # a checkpoint of another model or config
+  except ValueError as e:  # a checkpoint of another model or config (the checkpointer compares every shape)
     raise RunError(f"{e} (export with the config the run was trained with)") from None
-  # orbax restores the saved shapes whatever the target's: a different config must not pass unnoticed.
-  expected = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  for path, value in jax.tree_util.tree_leaves_with_path(restored):
-    if expected.get(jax.tree_util.keystr(path)) != np.shape(value):
-      raise RunError(f"the best checkpoint in {directory} cannot be restored into model {config.model.name!r}: "
-                     f"parameter {jax.tree_util.keystr(path)} has shape {np.shape(value)}, this config's "
-                     f"{expected.get(jax.tree_util.keystr(path))} (export with the config the run was trained with)")
-  params = restored
   devices = parallel.local_devices(config.train.num_devices)
   representations = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
   user_emb, item_emb = parallel.get_replicated(

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.train import distributed
 
 _TEXT_WIDTH = 70  # characters of item text per line (items.tsv texts can be long)
 
@@ -75,5 +76,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  distributed.configure_xla()  # before JAX starts its backend
   define_flags()
   app.run(main)

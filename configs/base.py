@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from alignrec_jax import models  # configs sit above the package, with the entry points
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -45,11 +47,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.sim_target = "current"  # 'current' (reference: fine-tuned table) | 'frozen' (initial table)
   model.side_emb_div = 0.0      # Fuser: h = h_id + h_mm / div (0 = plain sum, the reference default)
   model.propagation = "gather"  # gather (padded neighbour lists) | segment_sum | autodiff; bench/propagation.py
-  # Baselines (issue 7): every registered model's own hyper-parameters live under config.model.<name>
-  # (e.g. --config.model.freedom.dropout=0.9); the defaults come from its file's default_config().
-  from alignrec_jax.models import baselines  # pylint: disable=g-import-not-at-top  (the registry, lazily)
-  for name, defaults in baselines.default_configs().items():
-    model[name] = defaults
+  # every other registered model's own hyper-parameters live under config.model.<name> (e.g.
+  # --config.model.freedom.dropout=0.9); their defaults stand beside each model (its default_config())
+  model.update(models.default_configs())
 
   # ---------------------------------------------------------------- stage-2 losses
   config.loss = loss = ml_collections.ConfigDict()

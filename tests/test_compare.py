@@ -29,6 +29,18 @@ def write_tiny_mmrec(root, n_users=40, n_items=30, seed=0):
   np.save(os.path.join(root, "text_feat.npy"), rng.normal(size=(n_items, 6)).astype(np.float32))
 
 
+def tiny_config(root: str):
+  """The base config on the tiny dataset, written into `root` (write_tiny_mmrec), with 8-wide embeddings."""
+  write_tiny_mmrec(root)
+  config = base.get_base_config()
+  config.data.name = "tiny"
+  config.data.root = root
+  config.data.image_feat = "image_feat.npy"
+  config.data.text_feat = "text_feat.npy"
+  config.model.embedding_size = 8
+  return config
+
+
 def test_grid_combinations_and_overrides():
   combos = compare.grid_combinations({"optim.lr": [0.1, 0.2], "model.bm3.dropout": [0.3, 0.5, 0.7]})
   assert len(combos) == 6 and combos[1] == {"optim.lr": 0.1, "model.bm3.dropout": 0.5}
@@ -59,13 +71,7 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_compare_two_models_two_seeds(tmp_path):
-  write_tiny_mmrec(str(tmp_path / "data"))
-  config = base.get_base_config()
-  config.data.name = "tiny"
-  config.data.root = str(tmp_path / "data")
-  config.data.image_feat = "image_feat.npy"
-  config.data.text_feat = "text_feat.npy"
-  config.model.embedding_size = 8
+  config = tiny_config(str(tmp_path / "data"))
   config.train.batch_size = 64
   config.train.epochs = 2
   config.eval.topk = (10, 20)

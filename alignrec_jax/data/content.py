@@ -24,6 +24,7 @@ import os
 from typing import Iterable, Sequence
 
 from absl import logging
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import sentencepiece
@@ -38,6 +39,15 @@ FAIRSEQ_OFFSET = 1  # id = sentencepiece id + 1 for every piece
 TOKENIZER_FILE = "tokenizer.spm"  # the run's tokenizer, in the workdir
 _TRAIN_SEED = 0
 _REQUIRED_COLUMNS = ("itemID", "text", "image")
+# BEiT-3's image normalisation: [0, 1] pixels mapped to [-1, 1]
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+def normalize_images(images):
+  """uint8 `[B, H, W, 3]` -> float32 normalised as BEiT-3 does (mean = std = 0.5): the MMEnc's image input."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
 
 
 @dataclasses.dataclass(frozen=True)

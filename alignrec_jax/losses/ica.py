@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from alignrec_jax.data.content import normalize_images
 from alignrec_jax.losses import cca
 
 
@@ -181,7 +182,6 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
   Returns:
     (loss, metrics) with metrics {"loss", "mlm", "mim", "mlm_acc", "itc", "bow"} scalars.
   """
-  from alignrec_jax.models.mmenc import normalize_images  # pylint: disable=g-import-not-at-top
   k_img, k_txt, k_drop = jax.random.split(key, 3)
   images, tokens = batch["image"], batch["tokens"]
   b = tokens.shape[0]

@@ -21,8 +21,10 @@ from alignrec_jax import graph as graph_lib
 from alignrec_jax.data.mmrec import RecData
 from alignrec_jax.losses import cca
 from alignrec_jax.losses import uia
+from alignrec_jax.models import Recommender
 from alignrec_jax.models import register
 from alignrec_jax.models.aggregator import Aggregator
+from alignrec_jax.models.batch import whole_batch
 from alignrec_jax.models.fuser import Fuser
 
 
@@ -37,37 +39,24 @@ class AlignRecInputs:
 
 
 class AlignRecNet(nn.Module):
-  """Aggregator then Fuser. Returns the Aggregator's views plus "user" [U, d] and "item" [I, d] (fused)."""
-  n_users: int
-  n_items: int
-  embedding_size: int = 64
-  n_ui_layers: int = 2
-  n_ii_layers: int = 1
-  use_ln: bool = False
-  freeze_features: bool = False
+  """The Aggregator (a field, so its parameters sit under "aggregator") then the Fuser. Returns the Aggregator's
+  views plus "user" [U, d] and "item" [I, d] (fused)."""
+  aggregator: Aggregator
   side_emb_div: float = 0.0
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: AlignRecInputs) -> dict:
-    views = Aggregator(self.n_users, self.n_items, self.embedding_size, self.n_ui_layers, self.n_ii_layers,
-                       self.use_ln, self.freeze_features, self.propagation, name="aggregator")(inputs)
+    views = self.aggregator(inputs)
     fuse = Fuser(self.side_emb_div, name="fuser")
     return dict(views, user=fuse(views["id_user"], views["mm_user"]), item=fuse(views["id_item"], views["mm_item"]))
 
 
-def _gather_batch(batch: dict, axis_name: Optional[str]):
-  """(whole batch dict, index of this shard's rows in it [b]). Without axis_name the shard is the whole batch."""
-  b = batch["users"].shape[0]
-  if axis_name is None:
-    return batch, jnp.arange(b, dtype=jnp.int32)
-  whole = {k: jax.lax.all_gather(v, axis_name, tiled=True) for k, v in batch.items()}
-  return whole, jax.lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
-
-
 @register("alignrec")
-class AlignRec:
-  """The model interface of alignrec_jax.models for AlignRec."""
+class AlignRec(Recommender):
+  """The model contract (alignrec_jax.models) for AlignRec; its hyper-parameters are config.model.* and loss.*."""
+  grid = {"optim.lr": [0.005, 0.003, 0.001, 0.0007, 0.0005, 0.0003, 0.0001],  # docs/method.md §7: 175 runs
+          "loss.cl_weight": [0.0001, 0.001, 0.005, 0.01, 0.1],
+          "loss.sim_weight": [0.1, 0.2, 0.3, 0.4, 0.5]}
 
   def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
@@ -79,14 +68,7 @@ class AlignRec:
     for key in ("embedding_size", "knn_k"):
       if m[key] < 1:
         raise ValueError(f"config.model.{key}={m[key]} must be >= 1")
-    self.config = config
-    self.batch_size = int(config.train.batch_size)
-    self.net = None  # built by build_inputs, which knows the dataset's sizes
-
-  def _make_net(self, n_users: int, n_items: int) -> AlignRecNet:
-    m = self.config.model
-    return AlignRecNet(n_users, n_items, m.embedding_size, m.n_ui_layers, m.n_ii_layers, m.use_ln,
-                       m.freeze_features, float(m.side_emb_div), m.propagation)
+    super().__init__(config)
 
   def build_inputs(self, data: RecData) -> AlignRecInputs:
     """Graphs and the feature table of `data` (features["image"], AlignRec's single fused feature slot)."""
@@ -98,18 +80,18 @@ class AlignRec:
     item_item = graph_lib.knn_graph(features, int(self.config.model.knn_k))
     if self.config.model.propagation == "gather":
       adj, user_item, item_item = (graph_lib.with_ell(g) for g in (adj, user_item, item_item))
-    self.net = self._make_net(data.n_users, data.n_items)
     return AlignRecInputs(adj, user_item, item_item, jnp.asarray(features))
 
-  def _net(self, inputs: AlignRecInputs) -> AlignRecNet:
-    if self.net is None:
-      self.net = self._make_net(inputs.user_item.n_dst, inputs.user_item.n_src)
-    return self.net
+  def net(self, inputs: AlignRecInputs) -> AlignRecNet:
+    m = self.config.model
+    aggregator = Aggregator(inputs.user_item.n_dst, inputs.user_item.n_src, m.embedding_size, m.n_ui_layers,
+                            m.n_ii_layers, m.use_ln, m.freeze_features, m.propagation)
+    return AlignRecNet(aggregator, float(m.side_emb_div))
 
   def init(self, rng: jax.Array, inputs: AlignRecInputs) -> dict:
     # Jitted: run eagerly, the init's forward pass leaves hundreds of MB of freed-but-kept host memory behind at
-    # paper scale (measured: +465 MB RSS vs +231 MB for the parameters themselves).
-    return jax.jit(lambda r, i: self._net(i).init(r, i)["params"])(rng, inputs)
+    # paper scale.
+    return jax.jit(super().init)(rng, inputs)
 
   def inputs_after_init(self, inputs: AlignRecInputs) -> AlignRecInputs:
     """The inputs the jitted calls need once the parameters exist: the initial feature table only seeds the
@@ -120,22 +102,14 @@ class AlignRec:
       return inputs
     return inputs.replace(features=jnp.zeros((0, inputs.features.shape[1]), inputs.features.dtype))
 
-  def forward(self, params: dict, inputs: AlignRecInputs) -> dict:
-    return self._net(inputs).apply({"params": params}, inputs)
-
-  def representations(self, params: dict, inputs: AlignRecInputs) -> tuple[jax.Array, jax.Array]:
-    out = self.forward(params, inputs)
-    return out["user"], out["item"]
-
   def loss(self, params: dict, inputs: AlignRecInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
     """This shard's share of the batch loss (module docstring) and its parts. Shapes: batch[*] [b]."""
     lc = self.config.loss
     out = self.forward(params, inputs)
-    whole, own = _gather_batch(batch, axis_name)
-    u, p, n, w = batch["users"], batch["pos"], batch["neg"], batch["weight"].astype(jnp.float32)
-    w_all = whole["weight"].astype(jnp.float32)
-    n_real = jnp.maximum(jnp.sum(w_all), 1.0)
+    wb = whole_batch(batch, axis_name)
+    whole, own, w, w_all, n_real = wb.whole, wb.own, wb.weight, wb.weight_all, wb.n_real
+    u, p, n = batch["users"], batch["pos"], batch["neg"]
 
     h_u, h_p, h_n = out["user"][u], out["item"][p], out["item"][n]
     bpr = uia.bpr(h_u, h_p, h_n, w, n_real)
@@ -151,5 +125,4 @@ class AlignRec:
     cca_loss = nce_item + nce_user
     total = (bpr + lc.ui_cosine_weight * ui_cos + lc.reg_weight * reg + lc.cl_weight * cca_loss
              + lc.sim_weight * sim)
-    metrics = {"loss": total, "bpr": bpr, "ui_cosine": ui_cos, "reg": reg, "cca": cca_loss, "sim": sim}
-    return total, metrics
+    return total, {"loss": total, "bpr": bpr, "ui_cosine": ui_cos, "reg": reg, "cca": cca_loss, "sim": sim}

@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alignrec_jax.data.content import normalize_images  # noqa: F401  (mmenc.normalize_images: the input)
+
 # layers, hidden, heads, FFN width. tiny = the shapes of the committed torchscale fixture (tests/fixtures); small =
 # a CPU size with more capacity (configs/ml100k_posters.py); base and large = the released BEiT-3 models.
 SIZES = {
@@ -51,16 +53,7 @@ SIZES = {
 }
 
 LN_EPS = 1e-5  # torch's LayerNorm default, which BEiT-3 uses (flax's default is 1e-6)
-# BEiT-3's image normalisation: [0, 1] pixels mapped to [-1, 1]
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
 _init = nn.initializers.truncated_normal(0.02)
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 `[B, H, W, 3]` -> float32 normalised as BEiT-3 does (mean = std = 0.5)."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:

@@ -53,6 +53,11 @@ def learning_rate(optim: ml_collections.ConfigDict, epoch: int) -> float:
   return float(optim.lr) * float(optim.lr_decay) ** (epoch / float(optim.lr_decay_every))
 
 
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the learning rate injected, so that the schedule sets it per epoch without recompiling."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr))
+
+
 def _fresh_meta() -> dict:
   return {"epoch": -1, "sampler_state": "", "best_value": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
           "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False, "first_loss": None}
@@ -72,7 +77,7 @@ class Recommending(loop.Stage):
   def __init__(self, config: ml_collections.ConfigDict, model, data: mmrec.RecData, sampler: BPRSampler):
     self.config, self.model, self.sampler = config, model, sampler
     self.loss = model.loss
-    self.tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(config.optim.lr))
+    self.tx = make_optimizer(config)
     self.divergence_factor = float(config.train.divergence_factor)
     self.log_every = int(config.train.log_every_steps)
     self.evaluators = evaluators.build(data, config)
@@ -92,8 +97,6 @@ class Recommending(loop.Stage):
 
   def round_inputs(self, inputs, round_: int):
     # keyed by (seed, epoch) so that a resumed run draws the same; evaluation keeps `inputs`
-    if not hasattr(self.model, "epoch_inputs"):  # TEMP until the model contract lands
-      return inputs
     return self.model.epoch_inputs(inputs, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), round_), round_)
 
   def where(self, round_: int, step) -> str:
@@ -160,7 +163,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=config.seed)
   stage = Recommending(config, model, data, sampler)
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
-  inputs = model.inputs_after_init(inputs) if hasattr(model, "inputs_after_init") else inputs  # TEMP drops what only seeded the parameters (AlignRec's initial features)
+  inputs = model.inputs_after_init(inputs)  # drops what only seeded the parameters (AlignRec's initial features)
   opt_state = stage.tx.init(params)
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   logging.info("model %s: %d parameters; %d device(s) in %d process(es), gradients summed over %d: %s",

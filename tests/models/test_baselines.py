@@ -2,19 +2,18 @@
 reference, the per-device shares of the loss, FREEDOM's graphs, and a one-epoch run of every registered model."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignrec_jax.data import mmrec
 from alignrec_jax.data.mmrec import RecData
 from alignrec_jax.models import baselines
-from alignrec_jax.models import get_model, registered
+from alignrec_jax.models import Recommender, get_model, registered
 from alignrec_jax.models.baselines import freedom as freedom_lib
 from configs import base
+from tests.test_compare import tiny_config
 
 BASELINES = ("bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn")
 
@@ -366,6 +365,22 @@ def test_hyper_parameters_come_from_config_model_name():
     get_model("lightgcn")(config)
 
 
+def test_every_model_follows_one_stateless_contract():
+  """Every registered model is a Recommender named by its registry name; building the inputs leaves the model
+  object as it was (the net comes from the inputs' sizes), and a model without per-epoch inputs hands back the same
+  object, which the trainer then does not place on the devices again."""
+  data = toy_data()
+  for name in registered():
+    cls = get_model(name)
+    assert issubclass(cls, Recommender) and cls.name == name
+    model = cls(toy_config())
+    before = dict(vars(model))
+    inputs = model.build_inputs(data)
+    assert vars(model) == before, name
+    assert (model.epoch_inputs(inputs, jax.random.PRNGKey(0), 0) is inputs) == (name not in ("bm3", "freedom"))
+    assert model.inputs_after_init(inputs) is inputs or name == "alignrec"
+
+
 def test_lfm2k_baseline_settings_are_points_of_their_grids():
   """configs/lfm2k.py sets grid-selected baseline hyper-parameters: each is a value of the model's
   hyper_grid() (MMRec's / the AlignRec authors' yaml), reaches the model, and the lr stays a grid value."""
@@ -375,7 +390,7 @@ def test_lfm2k_baseline_settings_are_points_of_their_grids():
   changed = 0
   for name in BASELINES:
     cls = get_model(name)
-    grid = cls.hyper_grid() if hasattr(cls, "hyper_grid") else {}
+    grid = cls.hyper_grid()
     hp = cls(config).hp
     for key, value in config.model[name].items():
       if value != defaults[name][key]:
@@ -390,29 +405,14 @@ def test_lfm2k_baseline_settings_are_points_of_their_grids():
 # ------------------------------------------------------------------------------------------ smoke run
 
 
-def write_tiny_mmrec(root, n_users=40, n_items=30, seed=0):
-  data = toy_data(n_users, n_items, seed)
-  os.makedirs(root, exist_ok=True)
-  test = np.concatenate([data.test, [[0, n_items - 1]]])  # a cold item, so that every feature row has an itemID
-  mmrec.write_inter(os.path.join(root, "tiny.inter"), {"train": data.train, "valid": data.valid, "test": test})
-  np.save(os.path.join(root, "image_feat.npy"), data.features["image"])
-  np.save(os.path.join(root, "text_feat.npy"), data.features["text"])
-
-
 @pytest.mark.parametrize("num_devices", [1, 0])  # 1: the single-device jit path; 0: a pmap over all 4 test devices
 @pytest.mark.parametrize("name", registered())
 def test_every_registered_model_trains_two_epochs(name, num_devices, tmp_path):
   """Two epochs, so that donated state, per-epoch inputs (FREEDOM, BM3) and buffers shared between the inputs and
   the parameters are exercised past the first step of the second epoch."""
   from alignrec_jax.train import recommend  # the trainer (stage 2)
-  write_tiny_mmrec(str(tmp_path / "data"))
-  config = base.get_base_config()
-  config.data.name = "tiny"
-  config.data.root = str(tmp_path / "data")
-  config.data.image_feat = "image_feat.npy"
-  config.data.text_feat = "text_feat.npy"
+  config = tiny_config(str(tmp_path / "data"))
   config.model.name = name
-  config.model.embedding_size = 8
   config.model.knn_k = 5
   config.train.batch_size = 64
   config.train.epochs = 2

@@ -1,28 +1,18 @@
-"""Baseline recommenders under AlignRec's protocol (issue 7): one file per model, each registered by name.
+"""Baseline recommenders under AlignRec's protocol: one file per model, each registered by name.
 
-Every module here registers one class with `@register(name)` (alignrec_jax.models) implementing the model interface
-(build_inputs / init / representations / loss, see alignrec_jax/models/__init__.py). `get_model` imports every
-module of this package, so adding a baseline means adding one file: a registered class with
-
-  default_config() -> ConfigDict   # its own hyper-parameters: config.model.<name>.<key>, e.g.
-                                   # --config.model.freedom.dropout=0.9 (configs/base.py adds every model's
-                                   # defaults under config.model.<name> through `default_configs()`)
-  hyper_grid() -> dict             # optional: {"optim.lr": [...], "model.<name>.<key>": [...]} for compare --grid
-
-Optional hook, for models whose TRAINING inputs change every epoch (FREEDOM's pruned user-item graph, the dropout key
-of BM3): `epoch_inputs(inputs, rng, epoch) -> inputs`. The trainer calls it before each epoch with
-rng = fold_in(PRNGKey(config.seed), epoch) and trains that epoch on the result; representations (evaluation) always
-use the inputs of `build_inputs`. Without the hook a model trains on the `build_inputs` result every epoch.
+Every module here registers one `Baseline` (a `Recommender`, alignrec_jax/models/__init__.py) with
+`@register(name)`; `get_model` imports every module of this package, so adding a baseline means adding one file.
+Its hyper-parameters are its `defaults` (config.model.<name>.<key>, e.g. --config.model.freedom.dropout=0.9) and its
+search grid is its `grid` ({"optim.lr": [...], "model.<name>.<key>": [...]} for compare --grid).
 
 Shared pieces below: MMRec's losses (BPRLoss with its 1e-10, EmbLoss = sum of Frobenius norms / rows), the
-LightGCN propagation, PyTorch's initialisers, and the per-shard bookkeeping of the interface (a loss returns this
-shard's SHARE of the whole batch's loss; terms that are not sums over rows, like a norm, are computed on the whole
-batch and weighted by the shard's share of the real rows, so values and gradients add up across shards).
+LightGCN propagation, PyTorch's initialisers, and the table sizes and ID tables most nets start from.
 """
 
 import math
 from typing import Optional
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,23 +20,14 @@ import ml_collections
 import numpy as np
 
 from alignrec_jax import graph as graph_lib
-from alignrec_jax.models.aggregator import torch_dense  # noqa: F401  (re-exported for the model files)
-from alignrec_jax.models.aggregator import torch_linear_init  # noqa: F401
-from alignrec_jax.models.aggregator import xavier_uniform  # noqa: F401
+from alignrec_jax.models import default_configs  # noqa: F401  (configs/base.py reads it here)
+from alignrec_jax.models import Recommender
+from alignrec_jax.models.aggregator import torch_linear_init
+from alignrec_jax.models.aggregator import xavier_uniform
+from alignrec_jax.models.batch import whole_batch
 
 # data.features slots in MMRec's order of (v_feat, t_feat) and the short names MMRec gives their layers.
 MODALITIES = (("image", "v"), ("text", "t"))
-
-
-def default_configs() -> dict:
-  """{model name: its default hyper-parameters} for every registered model that has `default_config()`."""
-  from alignrec_jax.models import get_model, registered  # the registry imports this package: import lazily
-  out = {}
-  for name in registered():
-    cls = get_model(name)
-    if hasattr(cls, "default_config"):
-      out[name] = cls.default_config()
-  return out
 
 
 def hparams(config: ml_collections.ConfigDict, name: str, defaults: ml_collections.ConfigDict):
@@ -121,26 +102,7 @@ def lightgcn_layers(adj: graph_lib.Graph, user_emb: jax.Array, item_emb: jax.Arr
   return mean[:user_emb.shape[0]], mean[user_emb.shape[0]:]
 
 
-# ------------------------------------------------------------------------------------------------- batch shares
-
-
-def gather_batch(batch: dict, axis_name: Optional[str]) -> tuple[dict, jax.Array]:
-  """(the whole batch, the index [b] of this shard's rows in it). Without axis_name the shard is the whole batch."""
-  b = batch["users"].shape[0]
-  if axis_name is None:
-    return batch, jnp.arange(b, dtype=jnp.int32)
-  whole = {k: jax.lax.all_gather(v, axis_name, tiled=True) for k, v in batch.items()}
-  return whole, jax.lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
-
-
-def real_rows(whole: dict) -> jax.Array:
-  """Number of real (weight 1) rows in the whole batch, at least 1."""
-  return jnp.maximum(jnp.sum(whole["weight"].astype(jnp.float32)), 1.0)
-
-
-def share(weight: jax.Array, n_real) -> jax.Array:
-  """This shard's share of a whole-batch term: its real rows / all real rows (the shares sum to 1)."""
-  return jnp.sum(weight) / n_real
+# ------------------------------------------------------------------------------------------------- losses
 
 
 def mmrec_bpr(pos_score: jax.Array, neg_score: jax.Array, weight: jax.Array, n_real) -> jax.Array:
@@ -183,54 +145,63 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-# ------------------------------------------------------------------------------------------------- base class
+# ------------------------------------------------------------------------------------------------- bases
 
 
-class Baseline:
-  """Plumbing every baseline shares: its hyper-parameters `self.hp` and a flax net built from the inputs' sizes.
+@struct.dataclass
+class Sizes:
+  """The table sizes a baseline's inputs carry (static: they fix the parameter shapes)."""
+  n_users: int = struct.field(pytree_node=False)
+  n_items: int = struct.field(pytree_node=False)
 
-  Subclasses set `name` (the registry name), define `default_config()`, `build_inputs(data)`, `net(inputs)`,
-  `representations` and `loss`. `init` / `forward` apply the net; the net is rebuilt from static sizes on every call
-  (it is a frozen dataclass, so this costs nothing and the model object stays stateless).
-  """
-  name = ""
+
+class TablesNet(nn.Module):
+  """A net that starts from a user and an item ID table of `embedding_size` columns (`id_tables`)."""
+  n_users: int
+  n_items: int
+  embedding_size: int
+
+  def id_tables(self, user: str = "user_embedding", item: str = "item_id_embedding", init=xavier_uniform):
+    """([U, d], [I, d]) parameters, user table first (the order fixes their init keys)."""
+    d = self.embedding_size
+    return self.param(user, init, (self.n_users, d)), self.param(item, init, (self.n_items, d))
+
+
+class GraphNet(TablesNet):
+  """A TablesNet over graphs, propagating with one `propagation` method (graph_lib.PROPAGATION_METHODS)."""
+  propagation: str
+
+  def propagate(self, graph: graph_lib.Graph, x: jax.Array) -> jax.Array:
+    return graph_lib.propagate(graph, x, self.propagation)
+
+  def lightgcn(self, adj: graph_lib.Graph, n_layers: int, user: str = "user_embedding",
+               item: str = "item_id_embedding") -> tuple:
+    """(E_u, E_i, H_u, H_i): the ID tables (`id_tables`) and their LightGCN layer means over `adj`."""
+    user_emb, item_emb = self.id_tables(user, item)
+    return (user_emb, item_emb) + lightgcn_layers(adj, user_emb, item_emb, n_layers, self.propagation)
+
+
+class Baseline(Recommender):
+  """A Recommender with its hyper-parameters `self.hp` (its `defaults` overridden by config.model.<name>)."""
+  ego_suffix = ""  # `loss`'s EmbLoss tables: forward's "user"/"item" + this
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
+    super().__init__(config)
     self.hp = hparams(config, self.name, self.default_config())
     if self.hp.embedding_size < 1:
       raise ValueError(f"config.model.embedding_size={self.hp.embedding_size} must be >= 1")
-    self.batch_size = int(config.train.batch_size)
-    self.propagation = config.model.get("propagation", "segment_sum")
     self.seed = int(config.seed)
 
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    raise NotImplementedError
-
-  def net(self, inputs) -> nn.Module:
-    raise NotImplementedError
-
-  def init(self, rng: jax.Array, inputs) -> dict:
-    return self.net(inputs).init(rng, inputs)["params"]
-
-  def forward(self, params: dict, inputs, **kwargs):
-    return self.net(inputs).apply({"params": params}, inputs, **kwargs)
-
-  def bpr_reg_loss(self, params: dict, inputs, batch: dict, axis_name: Optional[str] = None):
-    """MMRec's BPR + reg_weight * EmbLoss on the scoring representations: this shard's share (module docstring).
-
-    The loss of the models that score with `forward`'s (users, items) and add nothing else (BPR-MF, VBPR).
-    batch[*]: [b].
-    """
-    users, items = self.forward(params, inputs)
-    whole, _ = gather_batch(batch, axis_name)
-    w = batch["weight"].astype(jnp.float32)
-    n_real = real_rows(whole)
-    u, p, n = users[batch["users"]], items[batch["pos"]], items[batch["neg"]]
-    mf = mmrec_bpr(jnp.sum(u * p, -1), jnp.sum(u * n, -1), w, n_real)
-    w_all = whole["weight"].astype(jnp.float32)
-    reg = emb_loss([users[whole["users"]], items[whole["pos"]], items[whole["neg"]]], w_all, n_real)
-    reg = reg * share(w, n_real)
+  def loss(self, params: dict, inputs, batch: dict, axis_name: Optional[str] = None):
+    """MMRec's BPR on `forward`'s "user"/"item" + reg_weight * EmbLoss on the batch rows of its "user"/"item"
+    tables (with `ego_suffix`, the tables before propagation): this shard's share. The loss of the models that add
+    nothing else (BPR-MF, VBPR, LightGCN). batch[*]: [b]."""
+    out = self.forward(params, inputs)
+    wb = whole_batch(batch, axis_name)
+    u, p, n = out["user"][batch["users"]], out["item"][batch["pos"]], out["item"][batch["neg"]]
+    mf = mmrec_bpr(jnp.sum(u * p, -1), jnp.sum(u * n, -1), wb.weight, wb.n_real)
+    users, items = out["user" + self.ego_suffix], out["item" + self.ego_suffix]
+    reg = emb_loss([users[wb.whole["users"]], items[wb.whole["pos"]], items[wb.whole["neg"]]], wb.weight_all,
+                   wb.n_real) * wb.share
     total = mf + self.hp.reg_weight * reg
     return total, {"loss": total, "bpr": mf, "reg": reg}

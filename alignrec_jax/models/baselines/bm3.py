@@ -25,39 +25,31 @@ from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.losses import uia
 from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class BM3Inputs:
+class BM3Inputs(B.Sizes):
   """adj: Â [(U+I), (U+I)]; features: {slot: [I, d_f]} initial feature tables; rng: [2] uint32 dropout key."""
   adj: graph_lib.Graph
   features: dict
   rng: jax.Array
-  n_users: int = struct.field(pytree_node=False)
-  n_items: int = struct.field(pytree_node=False)
 
 
-class BM3Net(nn.Module):
+class BM3Net(B.GraphNet):
   """Returns {"user", "item": online [U|I, d]; "user_pred", "item_pred": g(online); "feat": {slot: f_m [I, d]};
   "feat_pred": {slot: g(f_m) [I, d]}}."""
-  n_users: int
-  n_items: int
-  embedding_size: int
   n_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: BM3Inputs) -> dict:
     d = self.embedding_size
-    user_emb = self.param("user_embedding", B.xavier_uniform, (self.n_users, d))
-    item_emb = self.param("item_id_embedding", B.xavier_uniform, (self.n_items, d))
-    user, item = B.lightgcn_layers(inputs.adj, user_emb, item_emb, self.n_layers, self.propagation)
+    _, item_emb, user, item = self.lightgcn(inputs.adj, self.n_layers)
     item = item + item_emb
     predictor = B.dense(d, d, "predictor", kernel="xavier_normal")  # bias: PyTorch default
     feat, feat_pred = {}, {}
@@ -73,19 +65,11 @@ class BM3Net(nn.Module):
 
 @register("bm3")
 class BM3(B.Baseline):
-  """The model interface (alignrec_jax.models) for BM3."""
-  name = "bm3"
-
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    # text_only: ignore the image slot, as the AlignRec authors' copy does (module docstring).
-    return ml_collections.ConfigDict({"n_layers": 1, "dropout": 0.5, "reg_weight": 0.1, "cl_weight": 2.0,
-                                      "text_only": False})
-
-  @staticmethod
-  def hyper_grid() -> dict:
-    return {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.bm3.reg_weight": [0.1, 0.01],
-            "model.bm3.n_layers": [1, 2], "model.bm3.dropout": [0.3, 0.5]}
+  """The model contract (alignrec_jax.models) for BM3."""
+  # text_only: ignore the image slot, as the AlignRec authors' copy does (module docstring).
+  defaults = {"n_layers": 1, "dropout": 0.5, "reg_weight": 0.1, "cl_weight": 2.0, "text_only": False}
+  grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.bm3.reg_weight": [0.1, 0.01],
+          "model.bm3.n_layers": [1, 2], "model.bm3.dropout": [0.3, 0.5]}
 
   def __init__(self, config):
     super().__init__(config)
@@ -109,7 +93,7 @@ class BM3(B.Baseline):
     return inputs.replace(rng=jnp.asarray(rng, jnp.uint32).reshape(2))
 
   def net(self, inputs: BM3Inputs) -> BM3Net:
-    return BM3Net(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_layers), self.propagation)
+    return BM3Net(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation, int(self.hp.n_layers))
 
   def representations(self, params: dict, inputs: BM3Inputs) -> tuple[jax.Array, jax.Array]:
     out = self.forward(params, inputs)
@@ -120,17 +104,15 @@ class BM3(B.Baseline):
     """This shard's share of the batch loss (module docstring). Uses batch users, pos, weight ([b]); not neg."""
     hp = self.hp
     out = self.forward(params, inputs)
-    whole, _ = B.gather_batch(batch, axis_name)
-    w = batch["weight"].astype(jnp.float32)
-    n_real = B.real_rows(whole)
+    wb = whole_batch(batch, axis_name)
     users, items = batch["users"], batch["pos"]
 
-    keys = jax.random.split(B.step_key(inputs.rng, whole), 2 + len(out["feat"]))
+    keys = jax.random.split(B.step_key(inputs.rng, wb.whole), 2 + len(out["feat"]))
     u_target = B.dropout(keys[0], jax.lax.stop_gradient(out["user"]), hp.dropout)
     i_target = B.dropout(keys[1], jax.lax.stop_gradient(out["item"]), hp.dropout)
 
     def one_minus_cos(a, b):  # (1/B) sum_b (1 - cos(a_b, b_b)), this shard's rows
-      return uia.user_item_cosine(a, b, w, n_real)
+      return uia.user_item_cosine(a, b, wb.weight, wb.n_real)
 
     loss_ui = one_minus_cos(out["user_pred"][users], i_target[items])
     loss_iu = one_minus_cos(out["item_pred"][items], u_target[users])
@@ -139,6 +121,6 @@ class BM3(B.Baseline):
       f_target = B.dropout(key, jax.lax.stop_gradient(out["feat"][slot]), hp.dropout)
       f_online = out["feat_pred"][slot][items]
       cl = cl + one_minus_cos(f_online, i_target[items]) + one_minus_cos(f_online, f_target[items])
-    reg = B.emb_loss([out["user"], out["item"]], None, inputs.n_items) * B.share(w, n_real)
+    reg = B.emb_loss([out["user"], out["item"]], None, inputs.n_items) * wb.share
     total = loss_ui + loss_iu + hp.reg_weight * reg + hp.cl_weight * cl
     return total, {"loss": total, "align": loss_ui + loss_iu, "cl": cl, "reg": reg}

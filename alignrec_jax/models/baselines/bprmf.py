@@ -9,61 +9,30 @@ Implicit Feedback", UAI 2009. Reference implementation: MMRec, src/models/bpr.py
       + reg_weight * (‖E_u[u_B]‖_F + ‖E_i[p_B]‖_F + ‖E_i[n_B]‖_F) / B   (MMRec's EmbLoss: norms, NOT squared)
 """
 
-from typing import Optional
-
-from flax import struct
 import flax.linen as nn
-import jax
-import ml_collections
 
 from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
 
 
-@struct.dataclass
-class MFInputs:
-  """No graph or feature: only the table sizes (static)."""
-  n_users: int = struct.field(pytree_node=False)
-  n_items: int = struct.field(pytree_node=False)
-
-
-class MFNet(nn.Module):
-  """Returns (E_u [U, d], E_i [I, d])."""
-  n_users: int
-  n_items: int
-  embedding_size: int
+class MFNet(B.TablesNet):
+  """Returns {"user": E_u [U, d], "item": E_i [I, d]}."""
 
   @nn.compact
-  def __call__(self, inputs: MFInputs) -> tuple[jax.Array, jax.Array]:
-    d = self.embedding_size
-    # MMRec: nn.Embedding + self.apply(xavier_normal_initialization).
-    return (self.param("user_embedding", B.xavier_normal, (self.n_users, d)),
-            self.param("item_embedding", B.xavier_normal, (self.n_items, d)))
+  def __call__(self, inputs: B.Sizes) -> dict:
+    del inputs
+    user, item = self.id_tables(item="item_embedding", init=B.xavier_normal)  # MMRec: xavier_normal_initialization
+    return {"user": user, "item": item}
 
 
 @register("bprmf")
 class BPRMF(B.Baseline):
-  """The model interface (alignrec_jax.models) for BPR-MF."""
-  name = "bprmf"
+  """The model contract (alignrec_jax.models) for BPR-MF: `Baseline.loss` on the tables."""
+  defaults = {"reg_weight": 1e-3}
+  grid = {"model.bprmf.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}  # BPR.yaml
 
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"reg_weight": 1e-3})
+  def build_inputs(self, data) -> B.Sizes:
+    return B.Sizes(n_users=data.n_users, n_items=data.n_items)
 
-  @staticmethod
-  def hyper_grid() -> dict:
-    return {"model.bprmf.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}  # BPR.yaml
-
-  def build_inputs(self, data) -> MFInputs:
-    return MFInputs(n_users=data.n_users, n_items=data.n_items)
-
-  def net(self, inputs: MFInputs) -> MFNet:
+  def net(self, inputs: B.Sizes) -> MFNet:
     return MFNet(inputs.n_users, inputs.n_items, self.hp.embedding_size)
-
-  def representations(self, params: dict, inputs: MFInputs) -> tuple[jax.Array, jax.Array]:
-    return self.forward(params, inputs)
-
-  def loss(self, params: dict, inputs: MFInputs, batch: dict,
-           axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
-    """This shard's share of the batch loss (module docstring). batch[*]: [b]."""
-    return self.bpr_reg_loss(params, inputs, batch, axis_name)

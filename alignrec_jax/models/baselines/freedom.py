@@ -24,17 +24,17 @@ from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.losses import uia
 from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class FreedomInputs:
+class FreedomInputs(B.Sizes):
   """adj: full Â [(U+I), (U+I)] (evaluation); train_adj: the epoch's pruned graph (the full one until the hook runs);
   mm_adj: the frozen item-item graph [I, I]; features: {slot: [I, d_f]}; edge_users/edge_items [E] int32 and
   edge_probs [E] float32 (∝ 1/sqrt(d_u d_i)): the train edges the pruning samples from."""
@@ -45,8 +45,6 @@ class FreedomInputs:
   edge_users: jax.Array
   edge_items: jax.Array
   edge_probs: jax.Array
-  n_users: int = struct.field(pytree_node=False)
-  n_items: int = struct.field(pytree_node=False)
 
 
 def binary_knn_graph(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,24 +77,17 @@ def sample_kept_edges(key: jax.Array, probs: np.ndarray, n_keep: int) -> np.ndar
   return np.sort(np.argpartition(-scores, n_keep - 1)[:n_keep])
 
 
-class FreedomNet(nn.Module):
+class FreedomNet(B.GraphNet):
   """Returns {"user" [U, d], "item" [I, d], "feat": {slot: f_m [I, d]}} for the user-item graph `adj`."""
-  n_users: int
-  n_items: int
-  embedding_size: int
   n_mm_layers: int
   n_ui_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: FreedomInputs, adj: graph_lib.Graph) -> dict:
     d = self.embedding_size
-    user_emb = self.param("user_embedding", B.xavier_uniform, (self.n_users, d))
-    item_emb = self.param("item_id_embedding", B.xavier_uniform, (self.n_items, d))
-    h = item_emb
+    _, h, user, item = self.lightgcn(adj, self.n_ui_layers)
     for _ in range(self.n_mm_layers):
-      h = graph_lib.propagate(inputs.mm_adj, h, self.propagation)
-    user, item = B.lightgcn_layers(adj, user_emb, item_emb, self.n_ui_layers, self.propagation)
+      h = self.propagate(inputs.mm_adj, h)
     feat = {}
     for slot, _ in B.MODALITIES:
       if slot in inputs.features:
@@ -107,18 +98,11 @@ class FreedomNet(nn.Module):
 
 @register("freedom")
 class Freedom(B.Baseline):
-  """The model interface (alignrec_jax.models) for FREEDOM, with the per-epoch pruning hook `epoch_inputs`."""
-  name = "freedom"
-
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"knn_k": 10, "n_mm_layers": 1, "n_ui_layers": 2, "mm_image_weight": 0.1,
-                                      "dropout": 0.8, "reg_weight": 1e-3})
-
-  @staticmethod
-  def hyper_grid() -> dict:
-    return {"model.freedom.dropout": [0.9, 0.85, 0.8], "model.freedom.reg_weight": [0.07, 0.05, 0.03],
-            "optim.lr": [0.002, 0.001, 0.0005, 0.0003]}
+  """The model contract (alignrec_jax.models) for FREEDOM, with the per-epoch pruning hook `epoch_inputs`."""
+  defaults = {"knn_k": 10, "n_mm_layers": 1, "n_ui_layers": 2, "mm_image_weight": 0.1, "dropout": 0.8,
+              "reg_weight": 1e-3}
+  grid = {"model.freedom.dropout": [0.9, 0.85, 0.8], "model.freedom.reg_weight": [0.07, 0.05, 0.03],
+          "optim.lr": [0.002, 0.001, 0.0005, 0.0003]}
 
   def __init__(self, config):
     super().__init__(config)
@@ -166,8 +150,8 @@ class Freedom(B.Baseline):
     return inputs.replace(train_adj=graph)
 
   def net(self, inputs: FreedomInputs) -> FreedomNet:
-    return FreedomNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_mm_layers),
-                      int(self.hp.n_ui_layers), self.propagation)
+    return FreedomNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation,
+                      int(self.hp.n_mm_layers), int(self.hp.n_ui_layers))
 
   def init(self, rng: jax.Array, inputs: FreedomInputs) -> dict:
     return self.net(inputs).init(rng, inputs, inputs.adj)["params"]
@@ -180,15 +164,13 @@ class Freedom(B.Baseline):
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
     """This shard's share of the batch loss (module docstring), on the epoch's pruned graph. batch[*]: [b]."""
     out = self.forward(params, inputs, adj=inputs.train_adj)
-    whole, _ = B.gather_batch(batch, axis_name)
-    w = batch["weight"].astype(jnp.float32)
-    n_real = B.real_rows(whole)
+    wb = whole_batch(batch, axis_name)
     u, p, n = batch["users"], batch["pos"], batch["neg"]
     h_u = out["user"][u]
-    mf = uia.bpr(h_u, out["item"][p], out["item"][n], w, n_real)
+    mf = uia.bpr(h_u, out["item"][p], out["item"][n], wb.weight, wb.n_real)
     mm = 0.0
     for slot in sorted(out["feat"]):
       f = out["feat"][slot]
-      mm = mm + uia.bpr(h_u, f[p], f[n], w, n_real)
+      mm = mm + uia.bpr(h_u, f[p], f[n], wb.weight, wb.n_real)
     total = mf + self.hp.reg_weight * mm
     return total, {"loss": total, "bpr": mf, "mm_bpr": mm}

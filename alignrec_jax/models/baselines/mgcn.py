@@ -23,41 +23,34 @@ from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.losses import cca
 from alignrec_jax.losses import uia
 from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class MGCNInputs:
+class MGCNInputs(B.Sizes):
   """adj: Â [(U+I), (U+I)]; user_item: R̂ [U, I]; knn: {slot: S_m [I, I]}; features: {slot: [I, d_f]}."""
   adj: graph_lib.Graph
   user_item: graph_lib.Graph
   knn: dict
   features: dict
-  n_users: int = struct.field(pytree_node=False)
-  n_items: int = struct.field(pytree_node=False)
 
 
-class MGCNNet(nn.Module):
+class MGCNNet(B.GraphNet):
   """Returns {"user" [U, d], "item" [I, d] (fused), "side" and "content" [(U+I), d]}."""
-  n_users: int
-  n_items: int
-  embedding_size: int
   n_ui_layers: int
   n_layers: int
-  propagation: str = "segment_sum"
 
   @nn.compact
   def __call__(self, inputs: MGCNInputs) -> dict:
     d = self.embedding_size
-    user_emb = self.param("user_embedding", B.xavier_uniform, (self.n_users, d))
-    item_emb = self.param("item_id_embedding", B.xavier_uniform, (self.n_items, d))
-    content = jnp.concatenate(B.lightgcn_layers(inputs.adj, user_emb, item_emb, self.n_ui_layers, self.propagation), 0)
+    _, item_emb, *ui = self.lightgcn(inputs.adj, self.n_ui_layers)
+    content = jnp.concatenate(ui, 0)
 
     views = []
     for slot, short in B.MODALITIES:
@@ -67,8 +60,8 @@ class MGCNNet(nn.Module):
       projected = B.dense(d, table.shape[1], f"{slot}_trs")(table)
       x = item_emb * nn.sigmoid(B.dense(d, d, f"gate_{short}")(projected))  # behaviour-guided purifier
       for _ in range(self.n_layers):
-        x = graph_lib.propagate(inputs.knn[slot], x, self.propagation)
-      views.append((slot, jnp.concatenate([graph_lib.propagate(inputs.user_item, x, self.propagation), x], 0)))
+        x = self.propagate(inputs.knn[slot], x)
+      views.append((slot, jnp.concatenate([self.propagate(inputs.user_item, x), x], 0)))
 
     # Behaviour-aware fuser; query_common is shared by the modalities.
     query_hidden = B.dense(d, d, "query_common_0")
@@ -87,17 +80,9 @@ class MGCNNet(nn.Module):
 
 @register("mgcn")
 class MGCN(B.Baseline):
-  """The model interface (alignrec_jax.models) for MGCN."""
-  name = "mgcn"
-
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"n_ui_layers": 2, "n_layers": 1, "knn_k": 10, "reg_weight": 1e-4,
-                                      "cl_loss": 0.01, "temperature": 0.2})
-
-  @staticmethod
-  def hyper_grid() -> dict:
-    return {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.mgcn.cl_loss": [1e-4, 1e-3, 1e-2, 0.1, 1.0]}
+  """The model contract (alignrec_jax.models) for MGCN."""
+  defaults = {"n_ui_layers": 2, "n_layers": 1, "knn_k": 10, "reg_weight": 1e-4, "cl_loss": 0.01, "temperature": 0.2}
+  grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.mgcn.cl_loss": [1e-4, 1e-3, 1e-2, 0.1, 1.0]}
 
   def __init__(self, config):
     super().__init__(config)
@@ -112,30 +97,24 @@ class MGCN(B.Baseline):
                       n_users=data.n_users, n_items=data.n_items)
 
   def net(self, inputs: MGCNInputs) -> MGCNNet:
-    return MGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, int(self.hp.n_ui_layers),
-                   int(self.hp.n_layers), self.propagation)
-
-  def representations(self, params: dict, inputs: MGCNInputs) -> tuple[jax.Array, jax.Array]:
-    out = self.forward(params, inputs)
-    return out["user"], out["item"]
+    return MGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation, int(self.hp.n_ui_layers),
+                   int(self.hp.n_layers))
 
   def loss(self, params: dict, inputs: MGCNInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
     """This shard's share of the batch loss (module docstring). batch[*]: [b]."""
     hp = self.hp
     out = self.forward(params, inputs)
-    whole, own = B.gather_batch(batch, axis_name)
-    w = batch["weight"].astype(jnp.float32)
-    w_all = whole["weight"].astype(jnp.float32)
-    n_real = B.real_rows(whole)
+    wb = whole_batch(batch, axis_name)
+    whole, w = wb.whole, wb.weight
     u, p, n = batch["users"], batch["pos"], batch["neg"]
     h_u, h_p, h_n = out["user"][u], out["item"][p], out["item"][n]
-    mf = uia.bpr(h_u, h_p, h_n, w, n_real)
+    mf = uia.bpr(h_u, h_p, h_n, w, wb.n_real)
     reg = uia.l2(h_u, h_p, h_n, w, self.batch_size)
     U = inputs.n_users
     side_u, side_i = out["side"][:U], out["side"][U:]
     content_u, content_i = out["content"][:U], out["content"][U:]
-    cl = (cca.info_nce(side_i[p], content_i[whole["pos"]], own, w, w_all, n_real, hp.temperature)
-          + cca.info_nce(side_u[u], content_u[whole["users"]], own, w, w_all, n_real, hp.temperature))
+    cl = (cca.info_nce(side_i[p], content_i[whole["pos"]], wb.own, w, wb.weight_all, wb.n_real, hp.temperature)
+          + cca.info_nce(side_u[u], content_u[whole["users"]], wb.own, w, wb.weight_all, wb.n_real, hp.temperature))
     total = mf + hp.reg_weight * reg + hp.cl_loss * cl
     return total, {"loss": total, "bpr": mf, "reg": reg, "cca": cl}

@@ -11,13 +11,10 @@ the learning-rate grid of the AlignRec authors' VBPR.yaml (github.com/sjtulyf123
 As in MMRec, the visual bias terms of the paper are absent and the EmbLoss is on the full (ID + content) vectors.
 """
 
-from typing import Optional
-
 from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from alignrec_jax.models import register
@@ -25,55 +22,35 @@ from alignrec_jax.models import baselines as B
 
 
 @struct.dataclass
-class VBPRInputs:
+class VBPRInputs(B.Sizes):
   """features: [I, d_f] the raw content (text then image, concatenated), not trained."""
   features: jax.Array
-  n_users: int = struct.field(pytree_node=False)
 
 
-class VBPRNet(nn.Module):
-  """Returns (h_u [U, 2d], h_i [I, 2d])."""
-  n_users: int
-  n_items: int
-  embedding_size: int
+class VBPRNet(B.TablesNet):
+  """Returns {"user": h_u [U, 2d], "item": h_i [I, 2d]}."""
 
   @nn.compact
-  def __call__(self, inputs: VBPRInputs) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, inputs: VBPRInputs) -> dict:
     d = self.embedding_size
     user = self.param("u_embedding", B.xavier_uniform, (self.n_users, 2 * d))
     item_id = self.param("i_embedding", B.xavier_uniform, (self.n_items, d))
     content = B.dense(d, inputs.features.shape[1], "item_linear", kernel="xavier_normal", bias="zeros")(
         inputs.features)
-    return user, jnp.concatenate([item_id, content], axis=-1)
+    return {"user": user, "item": jnp.concatenate([item_id, content], axis=-1)}
 
 
 @register("vbpr")
 class VBPR(B.Baseline):
-  """The model interface (alignrec_jax.models) for VBPR."""
-  name = "vbpr"
-
-  @staticmethod
-  def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"reg_weight": 1e-3})
-
-  @staticmethod
-  def hyper_grid() -> dict:
-    return {"optim.lr": [0.005, 0.001, 0.0005, 0.0001],
-            "model.vbpr.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
+  """The model contract (alignrec_jax.models) for VBPR: `Baseline.loss` on the full (ID + content) vectors."""
+  defaults = {"reg_weight": 1e-3}
+  grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.vbpr.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
 
   def build_inputs(self, data) -> VBPRInputs:
     found = B.require_modalities(data, self.name)
     ordered = sorted(found, key=lambda m: 0 if m[0] == "text" else 1)  # MMRec: torch.cat((t_feat, v_feat))
     feats = np.concatenate([f for _, _, f in ordered], axis=1)
-    return VBPRInputs(features=jnp.asarray(feats), n_users=data.n_users)
+    return VBPRInputs(features=jnp.asarray(feats), n_users=data.n_users, n_items=data.n_items)
 
   def net(self, inputs: VBPRInputs) -> VBPRNet:
-    return VBPRNet(inputs.n_users, inputs.features.shape[0], self.hp.embedding_size)
-
-  def representations(self, params: dict, inputs: VBPRInputs) -> tuple[jax.Array, jax.Array]:
-    return self.forward(params, inputs)
-
-  def loss(self, params: dict, inputs: VBPRInputs, batch: dict,
-           axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
-    """This shard's share of the batch loss (module docstring). batch[*]: [b]."""
-    return self.bpr_reg_loss(params, inputs, batch, axis_name)
+    return VBPRNet(inputs.n_users, inputs.n_items, self.hp.embedding_size)
