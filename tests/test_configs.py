@@ -13,3 +13,8 @@ def test_amazon_config_reads_the_set_named_after_the_colon(name):
   for arg in ("", "toys"):
     with pytest.raises(ValueError, match=r"one of baby, sports, elec \(e.g. --config=configs/amazon.py:baby\)"):
       amazon.get_config(arg)
+
+
+def test_the_entry_commands_baby_config_is_amazon_baby():
+  from configs import baby
+  assert baby.get_config().to_dict() == amazon.get_config("baby").to_dict()

@@ -1,19 +1,10 @@
 """The one training loop of both stages.
 
-A stage (stage 1's ICA pre-training in pretrain.py, stage 2's recommender in recommend.py) supplies a `Stage`: its
-loss, its optimiser, its batches and what happens at the end of a round (an epoch in stage 2, the steps between two
-checkpoints in stage 1: evaluation, early stopping, the history it keeps). The loop owns the rest, written once:
-
-  * the devices and the data-parallel step (train/parallel.py: `jax.pmap` over every device of every process, one
-    axis name, the loss of each device is its SHARE of the whole batch's loss and the gradients are summed; one
-    device runs the same function under `jax.jit`);
-  * the NaN/Inf guard (every step) and the divergence guard (every round, `train.divergence_factor`);
-  * progress lines with throughput and an ETA;
-  * checkpointing after every round (train/state.py) and resuming from the newest intact checkpoint, so that a run
-    killed at any moment and started again ends exactly as an uninterrupted one.
-
-    stage = recommend.Recommending(...)          # or pretrain.Pretraining(...)
-    meta = loop.fit(stage, params, opt_state, inputs, devices, checkpointer)
+A stage (`Pretraining` in pretrain.py, `Recommending` in recommend.py) supplies its loss, optimiser and batches and
+what happens at the end of a round (an epoch in stage 2, the steps up to a checkpoint in stage 1). The loop owns the
+rest: the devices and the data-parallel step (train/parallel.py), the NaN/Inf and divergence guards, progress lines
+with an ETA, a checkpoint after every round (train/state.py) and the resume that makes a killed and restarted run
+end exactly as an uninterrupted one. docs/architecture.md has the picture.
 """
 
 import math

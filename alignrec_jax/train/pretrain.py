@@ -1,28 +1,18 @@
 """Stage 1: ICA pre-training of MMEnc on the items' images and texts, and extraction of the item feature table.
 
-`pretrain(config, workdir)`:
-  items.tsv -> tokenizer (`<workdir>/tokenizer.spm`: `config.data.tokenizer`'s sentencepiece model, or one trained
-  on the item texts once; data/content.py) -> tfds array_record dataset (`<workdir>/tfds/`)
-  -> AdamW (linear warm-up, cosine decay; optax) on the ICA loss in the loop both stages share (train/loop.py:
-  data parallel over `config.train.num_devices` devices, 0 = all local ones, and under `jax.distributed` every
-  process's; the global batch `pretrain.batch_size` is split across them; checkpoints and resume). Process 0 builds the tokenizer and the tfds dataset first (the others then load them) and alone writes
-  pretrain_history.json; every process takes part in the orbax checkpoint saves.
-  Batches: epoch e visits the items in the permutation drawn from (seed, e), so a resumed run sees exactly the
-  batches an uninterrupted one would, and the masks and dropout of a row depend on its step and device only.
-  Checkpoints (train/state.py, `<workdir>/pretrain/`) every `pretrain.checkpoint_every`
-  steps and at the end hold params, optimiser state, the logged history and checksums of the arrays; a rerun resumes
-  from the newest intact one (a damaged step is moved aside with a warning) and returns at once when
-  `pretrain.steps` are done. The workdir is locked while a stage runs, and a resume with other stage-1 settings is
-  refused (train/workdir.py). `pretrain.init_from = DIR` (a fresh run only) starts from converted BEiT-3 weights
-  (train/init_from.py): the encoder is loaded, the MLM head is tied to the loaded text embedding and the MIM (and
-  optional [CLS] bag-of-words) heads start fresh. `pretrain.steps = 0` saves the initial encoder without any ICA
-  step: the randomly initialised one, or with init_from the released BEiT-3 itself ("BEiT-3 without ICA").
+`pretrain(config, workdir)`: items.tsv -> tokenizer (`<workdir>/tokenizer.spm`: `data.tokenizer`'s sentencepiece
+  model, or one trained on the item texts; data/content.py) -> tfds dataset (`<workdir>/tfds/`) -> AdamW (linear
+  warm-up, cosine decay) on the ICA loss, run by train/loop.py (`Pretraining` is the stage; checkpoints in
+  `<workdir>/pretrain/` every `pretrain.checkpoint_every` steps). Epoch e visits the items in the permutation of
+  (seed, e) and a row's masks and dropout depend on its step and device only, so a resumed run, or one spread over
+  other processes, sees exactly what an uninterrupted one does. Process 0 builds the tokenizer and the dataset
+  first and alone writes pretrain_history.json. `pretrain.init_from = DIR` starts a fresh run from converted
+  BEiT-3 weights (train/init_from.py: the encoder loaded, the MLM head tied to its text embedding, the other heads
+  fresh); `pretrain.steps = 0` keeps the initial encoder, random or loaded ("BEiT-3 without ICA").
 
-`extract(config, workdir)`: the encoder of the latest pre-training checkpoint over every item (image + text) ->
-  the visual-[CLS] feature table `[n_items, hidden]` with variants full / mask_image (every patch replaced by the
-  [MASK] patch embedding) / mask_text (every text token but the special ones replaced by `<mask>`), written by
-  `bridge.save_feature_table`.
-  Skipped when the workdir already holds the table extracted from that checkpoint.
+`extract(config, workdir)`: the latest checkpoint's encoder over every item -> the visual-[CLS] table
+  `[n_items, hidden]` and the variants mask_image (every patch masked) and mask_text (every word masked), written by
+  `bridge.save_feature_table`; skipped when the workdir already holds the table of that checkpoint.
 """
 
 import functools

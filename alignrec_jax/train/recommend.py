@@ -1,25 +1,14 @@
-"""Stage 2: train a recommender (AlignRec by default) with BPR triplets, evaluate every epoch, stop early.
+"""Stage 2 as a `loop.Stage`: a recommender (AlignRec by default) trained on BPR triplets, evaluated after every
+epoch, stopped early on the valid metric (docs/method.md §6).
 
   python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k
 
-Loop (docs/method.md §6): Adam with lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch through
-optax.inject_hyperparams (no recompilation); one epoch = every train interaction once, in batches split over the
-devices (pmap, gradients summed; under `jax.distributed` every device of every process, each process feeding its
-devices' shards, see train/parallel.py); after every epoch the representations are computed once and the valid and
-test splits are ranked (users sharded over the processes, eval/ranking.py); early stopping on the valid metric
-(strict improvement; stop at the (stopping_step + 1)-th epoch in a row without one, as MMRec); the reported test
-metrics are those of the best valid epoch. A NaN/Inf loss, or an epoch whose mean loss exceeds
-`train.divergence_factor` times the first step's, stops the run with an error; the checkpoint of the last good
-epoch stays.
-
-The epochs run in the loop both stages share (train/loop.py: devices, pmap, NaN and divergence guards, progress and
-ETA, checkpoints); this module is the stage: the loss, the batches, the evaluation and the early stopping.
-Every finished epoch is checkpointed (train/state.py): rerunning the same command in the same workdir resumes
-after the last finished epoch and ends exactly as an uninterrupted run. Every process takes part in the (orbax,
-collective) checkpoint saves: give them one shared workdir (a resume reads the checkpoints in every process).
-Only process 0 writes `<workdir>/results.json`:
-  {"best_epoch": int, "valid": {...}, "test": {...}, "history": [{"epoch", "loss", "<valid metric>", ...}],
-   "devices": int (the devices of all processes that the gradients were summed over), ...}
+Adam at lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch (optax.inject_hyperparams: no
+recompilation); one epoch is every train interaction once; the evaluators of `config.evals` run after it; early
+stopping counts epochs without a strict improvement and stops at the (stopping_step + 1)-th, as MMRec; the reported
+metrics are the best valid epoch's. train/loop.py runs the epochs (devices, guards, checkpoints, resume). Only
+process 0 writes `<workdir>/results.json` (docs/formats.md): best_epoch, valid, test, the per-epoch history and
+`devices`, the number of devices whose gradients were summed.
 """
 
 import dataclasses
