@@ -89,10 +89,9 @@ def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
   if meta["max_text_len"] < model.max_text_len:
     raise DataError(f"{where}: the checkpoint holds {meta['max_text_len']} text positions, config.pretrain."
                     f"max_text_len={model.max_text_len} needs more")
-  target = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), beit3_shapes(meta))
-  with _checkpointer(directory) as ckpt:
+  with _checkpointer(directory) as ckpt:  # as saved: `apply` compares every shape with the model's
     try:
-      params, _ = ckpt.restore(ckpt.latest_step(), target)
+      params, _ = ckpt.restore(ckpt.latest_step())
     except state_lib.CheckpointError as e:
       raise DataError(f"config.pretrain.init_from={directory}: {e}") from None
   table = params["encoder"]["embed_positions"]["B"]["embedding"]
