@@ -24,12 +24,10 @@ docs/formats.md describes the formats. Cold items (scored through their features
 needs a cold-start protocol the trainer does not have yet.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Optional
 
 from absl import logging
@@ -139,24 +137,6 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
 # ------------------------------------------------------------------------------------------------- the export stage
 
 
-@contextlib.contextmanager
-def _atomic_dir(path: str):
-  """Yields a temporary folder beside `path` that replaces `path` when the block ends without an error."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = f"{path}.old{os.getpid()}"
-  if os.path.exists(path):
-    os.replace(path, old)
-  os.replace(tmp, path)
-  shutil.rmtree(old, ignore_errors=True)
-
-
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
@@ -219,7 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   split = export_split(data, which)
   top = ranking.topk_items(user_emb, item_emb, split, k=k, batch_users=config.eval.batch_users)
   out_dir = os.path.join(workdir, EXPORT_DIR)
-  with _atomic_dir(out_dir) as tmp:
+  with atomic.atomic_dir(out_dir) as tmp:
     np.save(os.path.join(tmp, "user_emb.npy"), user_emb)
     np.save(os.path.join(tmp, "item_emb.npy"), item_emb)
     n_rows = _write_topk(os.path.join(tmp, "topk.tsv"), split, top, user_emb, item_emb)

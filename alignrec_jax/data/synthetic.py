@@ -26,13 +26,12 @@ built in a temporary folder beside `root` and renamed into place), so concurrent
 
 import json
 import os
-import shutil
-import tempfile
 
 from absl import logging
 import numpy as np
 from PIL import Image, ImageDraw
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 
 GENERATOR_VERSION = 1
@@ -336,22 +335,7 @@ def ensure_synthetic_dataset(root: str, seed: int = 0, **sizes) -> str:
   if os.path.isdir(root) and os.listdir(root) and _read_marker(root) is None:
     raise ValueError(f"{root} is not empty and holds no {MARKER} from this generator: refusing to replace it with "
                      "the synthetic dataset (choose another --config.data.root)")
-  parent = os.path.dirname(root)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.build", dir=parent)
-  try:
-    logging.info("Generating the synthetic dataset (seed %d, %s) into %s", seed, params, root)
+  logging.info("Generating the synthetic dataset (seed %d, %s) into %s", seed, params, root)
+  with atomic.atomic_dir(root) as tmp:  # an older version or an empty folder is replaced whole
     _build(tmp, seed, params)
-    if os.path.isdir(root):
-      # An older version (or an empty folder): move it aside first, as a directory rename cannot overwrite.
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old", dir=parent)
-      os.rename(root, os.path.join(old, "data"))
-      shutil.rmtree(old, ignore_errors=True)
-    try:
-      os.rename(tmp, root)
-    except OSError:
-      if _read_marker(root) != wanted:  # not another process that finished the same build first
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return root

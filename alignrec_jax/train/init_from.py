@@ -11,14 +11,13 @@ embedding (tied head).
 """
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import state as state_lib
@@ -44,18 +43,8 @@ def save(out: str, params: Any, meta: dict) -> None:
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-beit3-")
-  try:
-    with _checkpointer(tmp, create=True) as ckpt:
-      ckpt.save(0, jax.tree.map(lambda x: np.asarray(x, np.float32), params), dict(meta, format=FORMAT))
-    if os.path.isdir(out):
-      os.rmdir(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with atomic.atomic_dir(out) as tmp, _checkpointer(tmp, create=True) as ckpt:
+    ckpt.save(0, jax.tree.map(lambda x: np.asarray(x, np.float32), params), dict(meta, format=FORMAT))
 
 
 def read_meta(directory: str) -> dict:

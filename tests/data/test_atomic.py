@@ -40,3 +40,23 @@ def test_save_npy_writes_the_exact_path(tmp_path):
   atomic.save_npy(str(tmp_path / "table.tmp"), np.eye(2, dtype=np.float32))  # np.save(path) would append .npy
   assert os.listdir(tmp_path) == ["table.tmp"]
   np.testing.assert_array_equal(np.load(tmp_path / "table.tmp"), np.eye(2))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_folder_replaces_the_old_one_whole_with_the_mode_of_makedirs_or_not_at_all(tmp_path, mask):
+  target = tmp_path / "run"
+  old = os.umask(mask)
+  try:
+    with atomic.atomic_dir(str(target)) as d:
+      open(os.path.join(d, "a"), "w", encoding="utf-8").close()
+    os.makedirs(tmp_path / "plain")
+    with atomic.atomic_dir(str(target)) as d:  # replaces the first folder whole
+      open(os.path.join(d, "b"), "w", encoding="utf-8").close()
+    with pytest.raises(RuntimeError):
+      with atomic.atomic_dir(str(target)) as d:
+        open(os.path.join(d, "c"), "w", encoding="utf-8").close()
+        raise RuntimeError("killed while filling it")
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(tmp_path)) == ["plain", "run"] and os.listdir(target) == ["b"]
+  assert stat.S_IMODE(os.stat(target).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o777 & ~mask
