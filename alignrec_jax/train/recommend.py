@@ -7,8 +7,8 @@ Adam at lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch (optax.i
 recompilation); one epoch is every train interaction once; the evaluators of `config.evals` run after it; early
 stopping counts epochs without a strict improvement and stops at the (stopping_step + 1)-th, as MMRec; the reported
 metrics are the best valid epoch's. train/loop.py runs the epochs (devices, guards, checkpoints, resume). Only
-process 0 writes `<workdir>/results.json` (docs/formats.md): best_epoch, valid, test, the per-epoch history and
-`devices`, the number of devices whose gradients were summed.
+process 0 writes `<workdir>/results.json`: best_epoch, valid, test (and any other evaluator of `config.evals`,
+under its name), the per-epoch history and `devices`, the number of devices whose gradients were summed.
 """
 
 import dataclasses
@@ -53,7 +53,8 @@ def _fresh_meta() -> dict:
 
 
 def _results(meta: dict, config) -> dict:
-  return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
+  others = {k: v for k, v in meta.get("best_scores", {}).items() if k not in ("valid", "test")}
+  return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"], **others,
           "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1,
           "stopped_early": meta["stopped_early"], "history": meta["history"]}
 
