@@ -14,7 +14,6 @@ from absl import logging
 # jax is imported inside the functions: entry points import this module to set the XLA flags (configure_xla) while
 # they stay free of JAX, so that --help answers at once
 
-
 # XLA:CPU's YNNPACK fusion (jaxlib 0.10) merges a matmul with the reduction that consumes it into one kernel that
 # runs several times slower than the plain matmul, and the similarity-preserving loss and InfoNCE are exactly that
 # pattern (docs/experiments.md has the measurement).
