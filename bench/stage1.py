@@ -4,8 +4,8 @@
   python bench/stage1.py --size=tiny --image_size=32 --patch_size=8 --text_len=32 --batch=64
   python bench/stage1.py --torch=false                   # JAX only
 
-JAX: one ICA training step exactly as the trainer runs it (`pretrain.make_train_step`: masks, MLM + MIM, AdamW, one
-device) and feature extraction (the jitted visual-[CLS] forward of the joint input, items per second). PyTorch (when
+JAX: one ICA training step exactly as the trainer runs it (`pretrain.ica_share` in `parallel.pmap_train_step`, as
+train/loop.py calls it: masks, MLM + MIM, AdamW, one device) and feature extraction (the jitted visual-[CLS] forward of the joint input, items per second). PyTorch (when
 torch, torchscale and fairscale are importable; see tests/fixtures/make_beit3_fixture.py for the install): the same
 BEiT3 (unilm's configuration) on the same shapes, a forward with an MLM head tied to the text embedding and a
 linear pixel head on the patches, backward, AdamW step; and a no-grad forward for extraction. Inputs are random
@@ -94,15 +94,16 @@ def bench_jax() -> dict:
   devices = jax.local_devices()[:1]
   loss_kwargs = dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
                      mim_target=ica.MIM_TARGETS[pre.mim_target], mask_id=MASK, special_ids=(PAD, CLS, SEP))
-  step_fn = pretrain.make_train_step(model, tx, loss_kwargs, devices)
-  state = list(parallel.replicate((params, tx.init(params)), devices))
+  step_fn = parallel.pmap_train_step(pretrain.ica_share(model, loss_kwargs, 1), tx, devices)
+  state = list(parallel.put_replicated((params, tx.init(params)), devices))
   images, tokens = _inputs(_BATCH.value, 0)
   batch = {"image": images[None], "tokens": tokens[None]}
-  key = [0]
+  step = [0]
 
   def train():
-    key[0] += 1
-    state[0], state[1], metrics = step_fn(state[0], state[1], batch, jax.random.key(key[0]))
+    step[0] += 1
+    batch["key"] = pretrain.device_keys(jax.random.key(0), step[0], 1)
+    state[0], state[1], metrics = step_fn(state[0], state[1], None, batch)
     jax.block_until_ready(metrics)
   train_s = _timed(train, _STEPS.value, warmup=2)  # the second call compiles again for the step's own outputs
 

@@ -119,11 +119,20 @@ def device_keys(base_key: jax.Array, step: int, n_devices: int) -> np.ndarray:
   return np.asarray(_device_keys(base_key, step, n_devices))
 
 
-class Pretraining(loop.Stage):
-  """Stage 1 for the loop: one round = the steps up to the next checkpoint (`pretrain.checkpoint_every`).
+def ica_share(model: mmenc.MMEnc, loss_kwargs: dict, n_devices: int):
+  """The ICA loss as the loop takes it: (params, inputs, batch, axis_name) -> this device's share of the whole
+  batch's loss, its rows' mean over the number of devices (the shards are equal), and the metrics likewise.
+  batch: {"image", "tokens", "key" (the device's raw key, `device_keys`)}."""
+  def loss(params, inputs, batch, axis_name):
+    del inputs, axis_name
+    value, metrics = ica.ica_loss(model, params, batch, jax.random.wrap_key_data(batch["key"]), **loss_kwargs)
+    return value / n_devices, jax.tree.map(lambda m: m / n_devices, metrics)
+  return loss
 
-  The ICA loss of a device's rows is their mean; each device's share of the whole batch's loss is that mean over the
-  number of devices (the shards are equal), so the loop's sum over devices is the mean over the whole batch."""
+
+class Pretraining(loop.Stage):
+  """Stage 1 for the loop: one round = the steps up to the next checkpoint (`pretrain.checkpoint_every`); the loss
+  is `ica_share`, whose sum over the devices is the whole batch's mean."""
   name = "pretrain"
   nan_hint = "lower config.pretrain.lr"
 
@@ -134,14 +143,7 @@ class Pretraining(loop.Stage):
     self.every = max(pre.checkpoint_every, 1)
     self.log_every = max(pre.log_every, 1)
     self.base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    loss_kwargs = _loss_kwargs(pre, tokenizer)
-
-    def loss(params, inputs, batch, axis_name):
-      del inputs, axis_name
-      key = jax.random.wrap_key_data(batch["key"])
-      value, metrics = ica.ica_loss(model, params, batch, key, **loss_kwargs)
-      return value / n_devices, jax.tree.map(lambda m: m / n_devices, metrics)
-    self.loss = loss
+    self.loss = ica_share(model, _loss_kwargs(pre, tokenizer), n_devices)
 
   def rounds(self, meta: dict) -> range:
     return range(meta.get("steps", 0) // self.every, -(-self.config.pretrain.steps // self.every))
