@@ -43,6 +43,7 @@ class Recommender:
   name = ""
   defaults: dict = {}  # what default_config() returns
   grid: dict = {}      # what hyper_grid() returns
+  inputs_change_per_epoch = False  # True where epoch_inputs returns new inputs (the trainer then keeps a host copy)
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

@@ -34,6 +34,7 @@ class Stage:
   loss: Callable
   tx: optax.GradientTransformation
   log_every = 0                 # a progress line every this many steps (0: one line per round)
+  inputs_per_round = False      # True: round_inputs gives new inputs, so the host copy of `inputs` is kept
   divergence_factor = 0.0       # stop when a round's mean loss exceeds this multiple of the first step's (0: off)
   nan_hint = "lower the learning rate"
 
@@ -54,7 +55,7 @@ class Stage:
     return {}
 
   def round_inputs(self, inputs: Any, round_: int) -> Any:
-    """The training inputs of this round: `inputs` itself unless they change per round."""
+    """The training inputs of this round (called only with `inputs_per_round`)."""
     return inputs
 
   def where(self, round_: int, step: Optional[int]) -> str:
@@ -103,19 +104,22 @@ def _check_divergence(stage: Stage, meta: dict, round_: int, mean_loss: float, c
         + f": {stage.nan_hint}")
 
 
-def fit(stage: Stage, params: Any, opt_state: Any, inputs: Any, devices: list, ckpt: state_lib.Checkpointer,
-        meta: dict) -> dict:
-  """Runs `stage`'s remaining rounds from (params, opt_state, meta) and checkpoints each; returns the final meta.
+def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, meta: dict) -> dict:
+  """Runs `stage`'s remaining rounds from carry = {"params", "opt_state", "inputs"} and `meta`, checkpointing each;
+  returns the final meta.
 
-  Only replicated copies of the parameters, optimiser state and inputs live on the devices while it runs."""
+  `carry` is emptied: the caller keeps no host copy, and while the loop runs only the devices' copies of the
+  parameters, optimiser state and inputs live (the host copy of the inputs only with `stage.inputs_per_round`)."""
   n_dev = len(devices)
   rows = parallel.local_rows(devices)  # this process's shards of each global batch
   step_fn = parallel.pmap_train_step(stage.loss, stage.tx, devices)
   representations_fn = {}
 
-  p_params, p_opt = parallel.put_replicated((params, opt_state), devices)
+  p_params, p_opt = parallel.put_replicated((carry.pop("params"), carry.pop("opt_state")), devices)
+  inputs = carry.pop("inputs")
   p_eval_inputs = p_inputs = parallel.put_replicated(inputs, devices)
-  del params, opt_state
+  if not stage.inputs_per_round:
+    inputs = None  # only the devices' copy is needed (the graphs and tables are the run's largest arrays)
 
   def representations(fn: Callable) -> Any:
     if fn not in representations_fn:
@@ -127,9 +131,8 @@ def fit(stage: Stage, params: Any, opt_state: Any, inputs: Any, devices: list, c
   for round_ in stage.rounds(meta):
     for key, value in stage.round_hyperparams(round_).items():
       p_opt.hyperparams[key] = parallel.put_replicated(jnp.asarray(value, jnp.float32), devices)
-    train_inputs = stage.round_inputs(inputs, round_)
-    p_inputs = p_eval_inputs if train_inputs is inputs else parallel.put_replicated(train_inputs, devices)
-    del train_inputs
+    if stage.inputs_per_round:
+      p_inputs = parallel.put_replicated(stage.round_inputs(inputs, round_), devices)
     round_start = window_start = time.perf_counter()
     sums, window, n_steps, window_steps = {}, {}, 0, 0
     for step, batch in enumerate(stage.batches(round_, n_dev, rows)):

@@ -202,7 +202,7 @@ def _pretrain(config, workdir: str) -> dict:
     newest = ckpt.restore_latest({"params": params, "opt_state": opt_state})
     if newest is not None:
       start, restored, meta = newest
-      params, opt_state = restored["params"], restored["opt_state"]
+      params, opt_state = restored.pop("params"), restored.pop("opt_state")
       if meta.get("tokenizer") != tokenizer.fingerprint():
         raise ValueError(f"{ckpt.directory}: the checkpoint was trained with another tokenizer than "
                          f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
@@ -212,6 +212,7 @@ def _pretrain(config, workdir: str) -> dict:
       if pre.get("init_from", ""):
         loaded, source = init_from.load(os.path.expanduser(pre.init_from), model)
         params = init_from.apply(params, loaded)
+        del loaded  # the loaded host copy; the parameters hold their own
         opt_state = stage.tx.init(params)
         meta["init_from"] = {"dir": os.path.abspath(os.path.expanduser(pre.init_from)),
                              "source": source.get("source", "")}
@@ -225,7 +226,9 @@ def _pretrain(config, workdir: str) -> dict:
     if meta["steps"] >= pre.steps:
       logging.info("pretrain: %d steps already done in %s", meta["steps"], ckpt.directory)
       return _summary(meta)
-    meta = loop.fit(stage, params, opt_state, None, devices, ckpt, meta)
+    carry = {"params": params, "opt_state": opt_state, "inputs": None}  # fit empties it: no host copy stays
+    del params, opt_state
+    meta = loop.fit(stage, carry, devices, ckpt, meta)
   if distributed.is_main_process():
     atomic.write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
   return _summary(meta)

@@ -70,6 +70,7 @@ class Recommending(loop.Stage):
     self.tx = make_optimizer(config)
     self.divergence_factor = float(config.train.divergence_factor)
     self.log_every = int(config.train.log_every_steps)
+    self.inputs_per_round = model.inputs_change_per_epoch
     self.evaluators = evaluators.build(data, config)
 
   def rounds(self, meta: dict) -> range:
@@ -164,11 +165,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpt.restore_latest({"params": params, "opt_state": opt_state})  # damaged steps are moved aside
     if latest is not None:
       _, restored, meta = latest
-      params, opt_state = restored["params"], restored["opt_state"]
+      params, opt_state = restored.pop("params"), restored.pop("opt_state")
       sampler.set_state(meta["sampler_state"])
       logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
                    meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
-    meta = loop.fit(stage, params, opt_state, inputs, devices, ckpt, meta)
+    carry = {"params": params, "opt_state": opt_state, "inputs": inputs}  # fit empties it: no host copy stays
+    del params, opt_state, inputs
+    meta = loop.fit(stage, carry, devices, ckpt, meta)
   results = dict(_results(meta, config), devices=n_summed)
   if distributed.is_main_process():  # every process holds the same results
     atomic.write_json(os.path.join(workdir, "results.json"), results)

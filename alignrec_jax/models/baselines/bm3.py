@@ -67,6 +67,7 @@ class BM3Net(B.GraphNet):
 class BM3(B.Baseline):
   """The model contract (alignrec_jax.models) for BM3."""
   # text_only: ignore the image slot, as the AlignRec authors' copy does (module docstring).
+  inputs_change_per_epoch = True  # a fresh dropout key every epoch
   defaults = {"n_layers": 1, "dropout": 0.5, "reg_weight": 0.1, "cl_weight": 2.0, "text_only": False}
   grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.bm3.reg_weight": [0.1, 0.01],
           "model.bm3.n_layers": [1, 2], "model.bm3.dropout": [0.3, 0.5]}

@@ -99,6 +99,7 @@ class FreedomNet(B.GraphNet):
 @register("freedom")
 class Freedom(B.Baseline):
   """The model contract (alignrec_jax.models) for FREEDOM, with the per-epoch pruning hook `epoch_inputs`."""
+  inputs_change_per_epoch = True  # the user-item graph is pruned anew every epoch
   defaults = {"knn_k": 10, "n_mm_layers": 1, "n_ui_layers": 2, "mm_image_weight": 0.1, "dropout": 0.8,
               "reg_weight": 1e-3}
   grid = {"model.freedom.dropout": [0.9, 0.85, 0.8], "model.freedom.reg_weight": [0.07, 0.05, 0.03],
