@@ -220,10 +220,11 @@ def _main(FLAGS) -> None:
     config = FLAGS.config
     config.keys()  # the config file is loaded here, at the first access of its contents
   except Exception as e:
-    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
-    if path and not os.path.isfile(path.split(":", 1)[0]):
-      raise FileNotFoundError(f"config file not found: {path}") from None
-    raise ValueError(f"config file {path} cannot be loaded: {type(e.__cause__ or e).__name__}: "
+    path, arg = _config_arg(sys.argv)
+    spec = f"{path}:{arg}" if arg else path
+    if path and not os.path.isfile(path):
+      raise FileNotFoundError(f"config file not found: {spec}") from None
+    raise ValueError(f"config file {spec} cannot be loaded: {type(e.__cause__ or e).__name__}: "
                      f"{_one_line(e.__cause__ or e)}") from e
   workdir = os.path.expanduser(FLAGS.workdir)
   results = run(config, workdir)

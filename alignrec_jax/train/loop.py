@@ -76,10 +76,6 @@ class Stage:
     raise NotImplementedError
 
 
-def _host(tree: Any, devices: list) -> Any:
-  return parallel.get_replicated(tree, devices)
-
-
 def _eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -124,7 +120,7 @@ def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, 
   def representations(fn: Callable) -> Any:
     if fn not in representations_fn:
       representations_fn[fn] = parallel.device_map(lambda p, i, axis_name: fn(p, i), devices)
-    return _host(representations_fn[fn](p_params, p_eval_inputs), devices)
+    return parallel.get_replicated(representations_fn[fn](p_params, p_eval_inputs), devices)
 
   total = stage.total_steps(meta)
   run_start, run_steps = time.perf_counter(), 0
@@ -139,7 +135,7 @@ def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, 
       p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
       # psummed over all devices: every local copy holds the whole batch's values. Blocking on each step also
       # keeps back-to-back all-reduces from deadlocking the CPU backend.
-      metrics = jax.tree.map(float, _host(jax.block_until_ready(metrics), devices))
+      metrics = jax.tree.map(float, parallel.get_replicated(jax.block_until_ready(metrics), devices))
       if not math.isfinite(metrics["loss"]):
         last = ckpt.latest_step()
         raise FloatingPointError(
@@ -171,7 +167,7 @@ def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, 
     _check_divergence(stage, meta, round_, means["loss"], ckpt)
     means["train_s"] = time.perf_counter() - round_start
     checkpoint_step, stop, line = stage.end_round(round_, means, meta, representations)
-    ckpt.save(checkpoint_step, _host({"params": p_params, "opt_state": p_opt}, devices), meta)
+    ckpt.save(checkpoint_step, parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices), meta)
     if line:
       rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
       logging.info("%s %s: %s%s", stage.name, stage.where(round_, None), line,

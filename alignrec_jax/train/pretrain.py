@@ -138,7 +138,7 @@ class Pretraining(loop.Stage):
 
   def __init__(self, config, model: mmenc.MMEnc, tokenizer: content.Tokenizer, items: dict, n_devices: int):
     pre = config.pretrain
-    self.config, self.items, self.n_devices = config, items, n_devices
+    self.config, self.items = config, items
     self.tx = make_optimizer(pre, pre.steps)
     self.every = max(pre.checkpoint_every, 1)
     self.log_every = max(pre.log_every, 1)

@@ -53,8 +53,8 @@ def _fresh_meta() -> dict:
 
 
 def _results(meta: dict, config) -> dict:
-  others = {k: v for k, v in meta.get("best_scores", {}).items() if k not in ("valid", "test")}
-  return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"], **others,
+  return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
+          **meta.get("best_others", {}),
           "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1,
           "stopped_early": meta["stopped_early"], "history": meta["history"]}
 
@@ -109,7 +109,7 @@ class Recommending(loop.Stage):
     improved = value > meta["best_value"]
     if improved:
       meta.update(best_value=value, best_epoch=round_, best_step=round_ + 1, bad_epochs=0, best_valid=valid,
-                  best_test=test, best_scores=scores)
+                  best_test=test, best_others={k: v for k, v in scores.items() if k not in ("valid", "test")})
     else:
       meta["bad_epochs"] += 1
     stop = meta["bad_epochs"] > self.config.train.stopping_step
