@@ -31,6 +31,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.features_variant = "full"  # which stage-1 table: full | mask_image | mask_text
   data.filter_cold_start = True  # drop valid/test rows of users without train rows (MMRec)
   data.drop_duplicates = False  # True: drop repeated rows and train/valid/test overlaps (counted) instead of failing
+  # evaluation protocols on top of the file's split (data/protocols.py); the defaults leave the data as it is
+  data.cold_items = 0.0         # fraction of the items held out of training as cold-start items (valid_cold/test_cold)
+  data.train_fraction = 1.0     # fraction of each user's train interactions kept (sparse users; at least one)
+  data.split_seed = 0           # seeds both protocols: every model and training seed sees the same split
   data.synthetic = False        # generate the embedded default dataset into root
   data.items_file = "items.tsv"  # raw content table (stage 1)
   data.tokenizer = ""           # stage-1 sentencepiece model (.spm, e.g. BEiT-3's beit3.spm); "" = trained on the texts
@@ -80,9 +84,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.topk = (5, 10, 20, 50)
   ev.metrics = ("recall", "ndcg", "precision", "map")
   ev.valid_metric = "recall@20"
+  ev.select_on = "valid"        # the evaluator whose valid_metric drives early stopping: valid | valid_cold
   ev.batch_users = 4096
   ev.popularity_groups = ()     # e.g. (0.2,) = head 20% / tail 80% of items by train popularity
-  # what is evaluated after every epoch (eval/evaluators.py); "valid" drives early stopping, "test" is reported
+  # what is evaluated after every epoch (eval/evaluators.py); eval.select_on drives early stopping, the others are
+  # reported at its best epoch; with data.cold_items, valid_cold and test_cold are added unless named here
   config.evals = ml_collections.ConfigDict()
   config.evals.valid = dict(kind="ranking", split="valid")
   config.evals.test = dict(kind="ranking", split="test")

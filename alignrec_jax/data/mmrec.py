@@ -22,8 +22,10 @@ import ml_collections
 import numpy as np
 
 from alignrec_jax.data import atomic
+from alignrec_jax.data import protocols
 
 SPLITS = ("train", "valid", "test")
+COLD_SPLITS = ("valid_cold", "test_cold")  # the cold-start protocol's splits (data/protocols.py)
 
 _WHERE_DATA_COMES_FROM = (
     "MMRec-format data (<name>.inter with userID/itemID/x_label columns, plus item features such as "
@@ -38,7 +40,12 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RecData:
-  """A loaded recommendation dataset. Interaction arrays are `[n_rows, 2]` int32 (user, item), in file order."""
+  """A loaded recommendation dataset. Interaction arrays are `[n_rows, 2]` int32 (user, item), in file order.
+
+  With cold-start items (data/protocols.py), `cold_items` maps "valid_cold"/"test_cold" to the sorted item ids held
+  out of training for that split, `valid_cold`/`test_cold` hold their interactions, and train/valid/test hold only
+  warm items.
+  """
   name: str
   n_users: int
   n_items: int
@@ -46,11 +53,32 @@ class RecData:
   valid: np.ndarray
   test: np.ndarray
   features: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # slot -> [n_items, d] float32
+  valid_cold: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int32))
+  test_cold: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int32))
+  cold_items: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def split(self, name: str) -> np.ndarray:
-    if name not in SPLITS:
-      raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+    if name not in SPLITS + COLD_SPLITS:
+      raise ValueError(f"unknown split {name!r}; expected one of {SPLITS + COLD_SPLITS}")
+    if name in COLD_SPLITS and not self.cold_items:
+      raise ValueError(f"split {name!r} exists only with cold-start items: set --config.data.cold_items, e.g. 0.2")
     return getattr(self, name)
+
+  def held_out_splits(self) -> tuple[str, ...]:
+    """The evaluation splits this dataset has: valid, test, and the cold ones with cold-start items."""
+    return ("valid", "test") + (COLD_SPLITS if self.cold_items else ())
+
+  def candidates(self, split: str):
+    """The item ids that `split` is ranked over: None (every item) without cold-start items; else the warm items for
+    valid/test and the split's own cold items for valid_cold/test_cold."""
+    if not self.cold_items:
+      return None
+    if split in COLD_SPLITS:
+      return self.cold_items[split]
+    cold = np.zeros(self.n_items, bool)
+    for items in self.cold_items.values():
+      cold[items] = True
+    return np.flatnonzero(~cold).astype(np.int32)
 
   @functools.cached_property
   def _train_csr(self):
@@ -66,8 +94,13 @@ class RecData:
 
   def summary(self) -> str:
     feats = ", ".join(f"{k} {v.shape[1]}-d" for k, v in self.features.items()) or "no features"
+    cold = ""
+    if self.cold_items:
+      cold = (f"; cold-start items held out of training: {len(self.cold_items['valid_cold'])}/"
+              f"{len(self.cold_items['test_cold'])} with {len(self.valid_cold)}/{len(self.test_cold)} valid_cold/"
+              "test_cold interactions")
     return (f"{self.name}: {self.n_users} users, {self.n_items} items, {len(self.train)}/{len(self.valid)}/"
-            f"{len(self.test)} train/valid/test interactions, {feats}")
+            f"{len(self.test)} train/valid/test interactions, {feats}{cold}")
 
 
 def interactions_to_csr(pairs: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,14 +302,16 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   keep = repeated_rows(users, items, splits, lines, inter_path, data_config.get("drop_duplicates", False))
   users, items, splits = users[keep], items[keep], splits[keep]
   pairs = np.stack([users, items], axis=1).astype(np.int32)
-  train = pairs[splits == 0]
-  if not len(train):
+  by_split = {name: pairs[splits == label] for label, name in enumerate(SPLITS)}
+  if not len(by_split["train"]):
     raise DataError(f"{inter_path}: the train split ({data_config.split_field} == 0) is empty")
-  held_out = {}
+  by_split, cold_items = _apply_protocols(by_split, data_config, inter_path)
+  train = by_split["train"]
   train_users = np.zeros(n_users, bool)
   train_users[train[:, 0]] = True
-  for label, name in ((1, "valid"), (2, "test")):
-    rows = pairs[splits == label]
+  held_out = {}
+  for name in ("valid", "test") + (COLD_SPLITS if cold_items else ()):
+    rows = by_split[name]
     if data_config.filter_cold_start:
       cold = ~train_users[rows[:, 0]]
       if cold.any():
@@ -284,7 +319,9 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
                         int(cold.sum()), name, len(np.unique(rows[cold, 0])))
       rows = rows[~cold]
     if not len(rows):
-      raise DataError(f"{inter_path}: the {name} split ({data_config.split_field} == {label}) is empty"
+      label = SPLITS.index(name) if name in SPLITS else None
+      raise DataError(f"{inter_path}: the {name} split"
+                      + (f" ({data_config.split_field} == {label})" if label is not None else "") + " is empty"
                       + (" after dropping users without train interactions" if data_config.filter_cold_start else ""))
     held_out[name] = rows
 
@@ -293,8 +330,36 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
     features["image"] = load_features(_resolve(root, data_config.image_feat), n_items)
   if data_config.text_feat:
     features["text"] = load_features(_resolve(root, data_config.text_feat), n_items)
-  return RecData(name=data_config.name, n_users=n_users, n_items=n_items, train=train, valid=held_out["valid"],
-                 test=held_out["test"], features=features)
+  return RecData(name=data_config.name, n_users=n_users, n_items=n_items, train=train, features=features,
+                 cold_items=cold_items, **held_out)
+
+
+def _apply_protocols(by_split: dict, data_config: ml_collections.ConfigDict,
+                     inter_path: str) -> tuple[dict, dict]:
+  """The cold-start and sparse-user protocols of `config.data` on the file's splits (data/protocols.py)."""
+  cold_fraction = float(data_config.get("cold_items", 0.0))
+  train_fraction = float(data_config.get("train_fraction", 1.0))
+  seed = int(data_config.get("split_seed", 0))
+  cold_items = {}
+  try:
+    if cold_fraction:
+      by_split, cold_items = protocols.hold_out_cold_items(by_split, cold_fraction, seed)
+      n_train = len(by_split["train"])
+      logging.info("%s: %d + %d cold-start items (data.cold_items=%g, data.split_seed=%d) hold %d + %d interactions; "
+                   "%d train interactions remain", inter_path, len(cold_items["valid_cold"]),
+                   len(cold_items["test_cold"]), cold_fraction, seed, len(by_split["valid_cold"]),
+                   len(by_split["test_cold"]), n_train)
+    if train_fraction != 1.0:
+      before = len(by_split["train"])
+      by_split["train"] = protocols.keep_train_fraction(by_split["train"], train_fraction, seed)
+      logging.info("%s: kept %d of %d train interactions (data.train_fraction=%g, data.split_seed=%d)", inter_path,
+                   len(by_split["train"]), before, train_fraction, seed)
+  except ValueError as e:
+    raise DataError(f"{inter_path}: {e}") from None
+  if not len(by_split["train"]):
+    raise DataError(f"{inter_path}: no train interactions are left after holding out the cold-start items "
+                    "(lower config.data.cold_items)")
+  return by_split, cold_items
 
 
 def write_inter(path: str, pairs_by_split: Mapping[str, np.ndarray]) -> None:
