@@ -41,7 +41,9 @@ class EvalSplit:
   users: [n_eval] int32, the unique users of the split (ascending).
   mask_indptr, mask_items: CSR over `users` of the train items to mask.
   truth_indptr, truth_items: CSR over `users` of the held-out items G_u (sorted, de-duplicated).
-  n_items: catalogue size.
+  n_items: number of ranked items.
+  candidates: None when every item is ranked; else the [n_items] item ids ranked (cold-start protocol), and the
+    mask and truth items above are positions in it. `evaluate` takes the full item table and picks these rows.
   """
   name: str
   users: np.ndarray
@@ -50,6 +52,7 @@ class EvalSplit:
   truth_indptr: np.ndarray
   truth_items: np.ndarray
   n_items: int
+  candidates: Optional[np.ndarray] = None
   # Host-side batch plans of the rank path, built once per (users, k, devices) and reused every epoch.
   plans: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -69,16 +72,31 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tupl
 
 
 def make_eval_split(data: RecData, split: str) -> EvalSplit:
-  """Prepares the valid or test split of `data` for full-ranking evaluation."""
-  if split not in ("valid", "test"):
-    raise ValueError(f"can only evaluate the 'valid' or 'test' split, not {split!r}")
+  """Prepares a held-out split of `data` (valid, test, or with cold-start items valid_cold, test_cold) for
+  full-ranking evaluation over the items `data.candidates(split)` ranks."""
+  if split not in data.held_out_splits():
+    raise ValueError(f"can only evaluate the splits {data.held_out_splits()} of this dataset, not {split!r}")
   pairs = np.unique(data.split(split), axis=0)  # G_u is a set, as in MMRec
   users = np.unique(pairs[:, 0]).astype(np.int32)
   truth_indptr_all, truth_all = interactions_to_csr(pairs, data.n_users)
   truth_indptr, truth_items = _csr_rows(truth_indptr_all, truth_all, users)
   train_indptr, train_items = data.train_csr()
   mask_indptr, mask_items = _csr_rows(train_indptr, train_items, users)
-  return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, data.n_items)
+  candidates = data.candidates(split)
+  if candidates is None:
+    return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, data.n_items)
+  position = np.full(data.n_items, -1, np.int64)
+  position[candidates] = np.arange(len(candidates))
+  truth_items = position[truth_items].astype(np.int32)
+  if (truth_items < 0).any():
+    raise ValueError(f"split {split!r} holds items outside the items it is ranked over")
+  # train items that are not candidates need no mask (the cold splits' candidates never occur in train)
+  keep = position[mask_items] >= 0
+  row = np.repeat(np.arange(len(users)), np.diff(mask_indptr))
+  mask_indptr = np.concatenate([[0], np.cumsum(np.bincount(row[keep], minlength=len(users)))]).astype(np.int64)
+  mask_items = position[mask_items[keep]].astype(np.int32)
+  return EvalSplit(split, users, mask_indptr, mask_items, truth_indptr, truth_items, len(candidates),
+                   np.asarray(candidates, np.int32))
 
 
 def make_user_split(data: RecData, users: np.ndarray, exclude_seen: bool = True, name: str = "users") -> EvalSplit:
@@ -416,8 +434,19 @@ def metrics_from_hit_items(hit_ids: np.ndarray, split: EvalSplit, topk: Sequence
 def evaluate(user_emb, item_emb, split: EvalSplit, topk: Sequence[int] = (5, 10, 20, 50), batch_users: int = 4096,
              item_groups: Optional[Mapping[str, np.ndarray]] = None, metrics: Sequence[str] = METRICS,
              round_digits: Optional[int] = 4) -> dict:
-  """Full-ranking metrics of the scores `user_emb @ item_emb.T` on one split (see the module docstring)."""
+  """Full-ranking metrics of the scores `user_emb @ item_emb.T` on one split (see the module docstring).
+
+  item_emb: [n_items, d] of every item; a split with `candidates` ranks those rows only (item_groups: item ids).
+  """
+  if split.candidates is not None:
+    item_emb = item_emb[split.candidates]
+    if item_groups:
+      position = {int(item): p for p, item in enumerate(split.candidates)}
+      item_groups = {name: np.asarray([position[int(i)] for i in items if int(i) in position], np.int64)
+                     for name, items in item_groups.items()}
   ranked = hit_items(user_emb, item_emb, split, k=max(topk), batch_users=batch_users)
+  if ranked.shape[1] < max(topk):  # fewer items than K (a small cold split): ranks past the last item hit nothing
+    ranked = np.pad(ranked, ((0, 0), (0, max(topk) - ranked.shape[1])), constant_values=-1)
   return metrics_from_hit_items(ranked, split, topk, metrics, round_digits, item_groups)
 
 

@@ -132,8 +132,10 @@ def test_popularity_groups_sum_back_to_overall():
 
 def test_bad_arguments():
   data = _data(1, 3, [[0, 0]], [[0, 1]])
-  with pytest.raises(ValueError, match="'valid' or 'test'"):
+  with pytest.raises(ValueError, match=r"splits \('valid', 'test'\) of this dataset, not 'train'"):
     ranking.make_eval_split(data, "train")
+  with pytest.raises(ValueError, match="exists only with cold-start items"):
+    data.split("test_cold")
   split = ranking.make_eval_split(data, "test")
   with pytest.raises(ValueError, match="2 rows, the dataset has 3 items"):
     ranking.topk_items(np.ones((1, 2)), np.ones((2, 2)), split, k=1)
