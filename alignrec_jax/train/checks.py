@@ -82,6 +82,22 @@ def check_eval(config) -> None:
       _fail(f"evals.{name}.kind", spec.get("kind"), f"must be one of {tuple(evaluators.KINDS)}")
     if spec.get("split") not in evaluators.SPLITS:
       _fail(f"evals.{name}.split", spec.get("split"), f"must be one of {evaluators.SPLITS}")
+    if spec.get("split") in ("valid_cold", "test_cold") and not config.data.get("cold_items", 0.0):
+      _fail(f"evals.{name}.split", spec.get("split"), "needs cold-start items: set --config.data.cold_items, e.g. 0.2")
+  select = ev.get("select_on", "valid")
+  if select not in ("valid", "valid_cold"):
+    _fail("eval.select_on", select, "must be 'valid' or 'valid_cold' (a test split never selects the model)")
+  if select == "valid_cold" and not config.data.get("cold_items", 0.0):
+    _fail("eval.select_on", select, "needs cold-start items: set --config.data.cold_items, e.g. 0.2")
+
+
+def check_protocols(config) -> None:
+  """The cold-start and sparse-user protocol keys of config.data (data/protocols.py)."""
+  _number(config, "data.cold_items", 0.0, 1.0, low_open=False)
+  if config.data.cold_items >= 1.0:
+    _fail("data.cold_items", config.data.cold_items, "must be < 1 (some items must stay warm to train on)")
+  _number(config, "data.train_fraction", 0.0, 1.0)
+  _int(config, "data.split_seed", 0)
 
 
 def check_stage2(config) -> None:
@@ -107,6 +123,7 @@ def check_stage2(config) -> None:
     _fail("data.drop_duplicates", config.data.drop_duplicates, "must be True or False")
   if config.data.features_variant not in bridge.VARIANTS:
     _fail("data.features_variant", config.data.features_variant, f"must be one of {tuple(bridge.VARIANTS)}")
+  check_protocols(config)
   check_eval(config)
 
 
@@ -140,6 +157,7 @@ def check_config(config) -> None:
   if stage in ("train", "all"):
     check_stage2(config)
   if stage == "probe":  # eval/probes.py checks its own section (it sits above the trainer)
+    check_protocols(config)
     check_eval(config)
     if "mask_modality" in config.probe.classes:
       check_stage2(config)

@@ -1,5 +1,5 @@
 """Stage 2 as a `loop.Stage`: a recommender (AlignRec by default) trained on BPR triplets, evaluated after every
-epoch, stopped early on the valid metric (docs/method.md §6).
+epoch, stopped early on the valid metric of `config.eval.select_on` (docs/method.md §6).
 
   python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/lfm2k
 
@@ -7,8 +7,8 @@ Adam at lr_e = lr * lr_decay ** (epoch / lr_decay_every), set per epoch (optax.i
 recompilation); one epoch is every train interaction once; the evaluators of `config.evals` run after it; early
 stopping counts epochs without a strict improvement and stops at the (stopping_step + 1)-th, as MMRec; the reported
 metrics are the best valid epoch's. train/loop.py runs the epochs (devices, guards, checkpoints, resume). Only
-process 0 writes `<workdir>/results.json`: best_epoch, valid, test (and any other evaluator of `config.evals`,
-under its name), the per-epoch history and `devices`, the number of devices whose gradients were summed.
+process 0 writes `<workdir>/results.json`: best_epoch, valid, test (and any other evaluator, e.g. valid_cold and
+test_cold with cold-start items, under its name), the per-epoch history and `devices`, the number of devices whose gradients were summed.
 """
 
 import dataclasses
@@ -55,7 +55,8 @@ def _fresh_meta() -> dict:
 def _results(meta: dict, config) -> dict:
   return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
           **meta.get("best_others", {}),
-          "valid_metric": config.eval.valid_metric, "epochs_run": meta["epoch"] + 1,
+          "valid_metric": config.eval.valid_metric, "select_on": config.eval.get("select_on", "valid"),
+          "epochs_run": meta["epoch"] + 1,
           "stopped_early": meta["stopped_early"], "history": meta["history"]}
 
 
@@ -105,7 +106,9 @@ class Recommending(loop.Stage):
     eval_s = time.time() - t0
 
     key = self.config.eval.valid_metric
-    value = valid[key]
+    select = self.config.eval.get("select_on", "valid")
+    value = scores[select][key]
+    others = {f"{name}_{key}": s[key] for name, s in scores.items() if name not in ("valid", "test")}
     improved = value > meta["best_value"]
     if improved:
       meta.update(best_value=value, best_epoch=round_, best_step=round_ + 1, bad_epochs=0, best_valid=valid,
@@ -115,15 +118,16 @@ class Recommending(loop.Stage):
     stop = meta["bad_epochs"] > self.config.train.stopping_step
     lr = learning_rate(self.config.optim, round_)
     meta["history"].append({"epoch": round_, "lr": lr, **{k: round(v, 6) for k, v in means.items()},
-                            f"valid_{key}": value, f"test_{key}": test[key],
+                            f"valid_{key}": valid[key], f"test_{key}": test[key], **others,
                             "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)})
     meta.update(epoch=round_, sampler_state=self.sampler.get_state(), stopped_early=stop)
     parts = ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items()) if k != "loss")  # the model's own terms
-    line = (f"loss {means['loss']:.4f} ({parts}) lr {lr:.2e}, train {train_s:.1f}s | valid {key} {value:.4f}, "
-            f"test {key} {test[key]:.4f}, eval {eval_s:.2f}s"
+    cold = "".join(f", {name.replace('_', ' ')} {v:.4f}" for name, v in others.items())
+    line = (f"loss {means['loss']:.4f} ({parts}) lr {lr:.2e}, train {train_s:.1f}s | valid {key} {valid[key]:.4f}, "
+            f"test {key} {test[key]:.4f}{cold}, eval {eval_s:.2f}s"
             + (" *" if improved else f" ({meta['bad_epochs']} without improvement)"))
     if stop:
-      line += f"; early stop: {meta['bad_epochs']} epochs without a better valid {key}"
+      line += f"; early stop: {meta['bad_epochs']} epochs without a better {select} {key}"
     return round_ + 1, stop, line
 
 

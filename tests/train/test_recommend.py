@@ -191,3 +191,20 @@ def test_popularity_groups_are_reported_and_add_up(tmp_path):
   # each group's value is its share of the overall metric (values are rounded to 4 decimals, as MMRec prints)
   assert groups["head"]["recall@20"] + groups["tail"]["recall@20"] == pytest.approx(
       results["test"]["recall@20"], abs=2e-4)
+
+
+def test_cold_start_run_reports_cold_metrics_and_can_stop_on_them(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=3)
+  config.data.cold_items = 0.25
+  results = recommend.run(config, str(tmp_path / "warm_select"))
+  assert results["select_on"] == "valid"
+  for name in ("valid_cold", "test_cold"):
+    assert 0.0 <= results[name]["recall@20"] <= 1.0
+  assert all("valid_cold_recall@20" in h and "test_cold_recall@20" in h for h in results["history"])
+  best = results["history"][results["best_epoch"]]
+  assert results["test_cold"]["recall@20"] == best["test_cold_recall@20"]
+  config.eval.select_on = "valid_cold"
+  cold_select = recommend.run(config, str(tmp_path / "cold_select"))
+  values = [h["valid_cold_recall@20"] for h in cold_select["history"]]
+  assert cold_select["best_epoch"] == values.index(max(values))
