@@ -212,3 +212,9 @@ def test_command_line(tmp_path):
   assert "report:" in out.stdout
   text = (tmp_path / "o" / "report.md").read_text()
   assert "| run | best epoch | valid recall@20 | test recall@20 | test ndcg@20 |" in text
+  cold = _train_run(tmp_path / "cold", 0.3, cold=0.06)
+  subprocess.run([sys.executable, "-m", "alignrec_jax.report", cold, f"--out={tmp_path / 'c'}",
+                  "--metrics=recall@20", "--cold_metrics=ndcg@20"], cwd=REPO, capture_output=True, text=True,
+                 check=True)
+  text = (tmp_path / "c" / "report.md").read_text()
+  assert "| run | best epoch | valid recall@20 | test recall@20 | cold test ndcg@20 |" in text
