@@ -23,6 +23,12 @@ Output: <workdir>/comparison.json
   {"metrics": [...], "models": {name: {"seeds": [...], "overrides": {...}, "runs": {seed: {"workdir", "best_epoch",
    "valid", "test"}}, "test": {metric: {"mean", "std", "values"}}, "valid": {...}, "grid": [...]}}}
 and <workdir>/comparison.md (mean ± sample std over seeds of test Recall/NDCG@10/20), also printed.
+
+With cold-start items (--config.data.cold_items) every run's results.json also has "valid_cold"/"test_cold" (ranked
+over the held-out cold items only, at the same best epoch): each run in "runs" keeps them (a grid run's summary its
+"test_cold"), the model's entry gains their mean ± std as "valid_cold"/"test_cold" (a split counts only if every
+seed's run has it), and the table gains "cold test recall@20" / "cold test ndcg@20" columns after the warm ones
+("n/a" for a model without them). Without cold-start items the output is exactly the warm one.
 """
 
 import copy
@@ -44,6 +50,9 @@ from alignrec_jax.train import distributed
 from alignrec_jax.train import recommend
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+COLD_TABLE_METRICS = ("recall@20", "ndcg@20")  # cold-start columns, after the warm ones
+COLD_SPLITS = ("valid_cold", "test_cold")  # only with cold-start items (--config.data.cold_items)
+SPLITS = ("valid", "test") + COLD_SPLITS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
@@ -166,7 +175,9 @@ def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str
                        f"{sorted(results.get('valid', {}))}); set --select_metric or config.eval.topk")
     value = float(results["valid"][metric])
     summaries.append({"overrides": overrides, "workdir": run_dir, "best_epoch": results.get("best_epoch"),
-                      f"valid_{metric}": value, "test": {k: results["test"].get(k) for k in TABLE_METRICS}})
+                      f"valid_{metric}": value, "test": {k: results["test"].get(k) for k in TABLE_METRICS},
+                      **({"test_cold": {k: results["test_cold"].get(k) for k in COLD_TABLE_METRICS}}
+                         if isinstance(results.get("test_cold"), dict) else {})})
     if value > best_value:
       best, best_value, best_dir = overrides, value, run_dir
   logging.info("%s: grid of %d selected %s (valid %s %.4f)", model_name, len(combos), best, metric, best_value)
@@ -182,26 +193,39 @@ def mean_std(values: list) -> dict:
 
 
 def summarise(runs: dict) -> dict:
-  """Per-split mean ± std over the seeds' runs {seed: results}."""
+  """Per-split mean ± std over the seeds' runs {seed: results}, for each of SPLITS that every run has."""
   out = {}
-  for split in ("valid", "test"):
+  for split in SPLITS:
+    if split in COLD_SPLITS and not all(isinstance(r.get(split), dict) for r in runs.values()):
+      continue
     keys = sorted(set.intersection(*(set(r[split]) for r in runs.values())))
     out[split] = {k: mean_std([float(r[split][k]) for r in runs.values()]) for k in keys}
   return out
 
 
-def markdown_table(comparison: dict, metrics=TABLE_METRICS) -> str:
-  """The comparison as a Markdown table: one row per model, test mean ± std over its seeds."""
+def has_cold(comparison: dict) -> bool:
+  """Whether any model of the comparison has cold-start test metrics."""
+  return any(entry.get("test_cold") for entry in comparison["models"].values())
+
+
+def markdown_table(comparison: dict, metrics=TABLE_METRICS, cold_metrics=COLD_TABLE_METRICS) -> str:
+  """The comparison as a Markdown table: one row per model, test mean ± std over its seeds, and the cold-start test
+  `cold_metrics` after the warm columns when any model has them."""
+  cold = list(cold_metrics) if has_cold(comparison) else []
   head = "| model | seeds | " + " | ".join(f"test {m}" for m in metrics) + " | valid recall@20 |"
-  lines = [head, "|" + "---|" * (len(metrics) + 3)]
+  head += "".join(f" cold test {m} |" for m in cold)
+  lines = [head, "|" + "---|" * (len(metrics) + 3 + len(cold))]
   for name, entry in comparison["models"].items():
     cells = []
     for m in metrics:
       s = entry["test"].get(m)
       cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "n/a")
     v = entry["valid"].get("recall@20")
-    lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(cells)
-                 + (f" | {v['mean']:.4f} |" if v else " | n/a |"))
+    row = f"| {name} | {len(entry['seeds'])} | " + " | ".join(cells) + (f" | {v['mean']:.4f} |" if v else " | n/a |")
+    for m in cold:
+      s = entry.get("test_cold", {}).get(m)
+      row += f" {s['mean']:.4f} ± {s['std']:.4f} |" if s else " n/a |"
+    lines.append(row)
   return "\n".join(lines) + "\n"
 
 
@@ -229,14 +253,16 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
     stats = summarise(runs)
     comparison["models"][name] = {
         "seeds": seeds, "overrides": overrides,
-        "runs": {str(s): {k: r.get(k) for k in ("workdir", "best_epoch", "valid", "test")} for s, r in runs.items()},
-        "test": stats["test"], "valid": stats["valid"], "grid": grid_runs}
+        "runs": {str(s): {**{k: r.get(k) for k in ("workdir", "best_epoch", "valid", "test")},
+                          **{k: r[k] for k in COLD_SPLITS if k in r}} for s, r in runs.items()},
+        "test": stats["test"], "valid": stats["valid"], **{k: stats[k] for k in COLD_SPLITS if k in stats},
+        "grid": grid_runs}
     # partial tables survive an interruption
     atomic.write_json(os.path.join(workdir, "comparison.json"), comparison)
-  table = markdown_table(comparison)
-  atomic.write_text(os.path.join(workdir, "comparison.md"),
-                    f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds "
-                    f"{seeds}\n\n{table}")
+  text = f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds {seeds}\n\n"
+  if has_cold(comparison):
+    text += "cold test: ranked over the cold-start items (held out of training) only.\n\n"
+  atomic.write_text(os.path.join(workdir, "comparison.md"), text + markdown_table(comparison))
   return comparison
 
 

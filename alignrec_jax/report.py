@@ -9,6 +9,11 @@ eval/probes.py), and `<workdir>/comparison.json` of `alignrec_jax.compare` workd
     its bars with the seeds' std as error bars: comparison.png;
   * runs side by side (best valid epoch, valid and test metrics), the best value of each column in bold;
   * training curves (loss and the valid metric per epoch, one line per run): curves.png;
+  * with cold-start items (--config.data.cold_items: results with `valid_cold`/`test_cold`, ranked over the items
+    held out of training only), both tables gain "cold test" columns (--cold_metrics) after the warm ones, the
+    compare workdirs' cold test bars go to comparison_cold.png, and a run's valid cold metric per epoch
+    (history key valid_cold_<metric>) is a dashed line of the run's colour in curves.png. Without them nothing
+    of this appears;
   * probe metrics per feature table and class (test), best per column in bold: probe.png;
   * long-tail tables and bars (metrics per item popularity group) where the results have `groups`: longtail.png.
 matplotlib draws the plots; it is an optional extra (requirements-report.txt) imported only here, and without it
@@ -28,6 +33,8 @@ from alignrec_jax.data import atomic
 _OUT = flags.DEFINE_string("out", None, "Output folder for report.md and the PNGs (default: <first workdir>/report).")
 _METRICS = flags.DEFINE_list("metrics", ["recall@10", "recall@20", "ndcg@10", "ndcg@20"],
                              "Metric columns of the tables.")
+_COLD_METRICS = flags.DEFINE_list("cold_metrics", ["recall@20", "ndcg@20"],
+                                  "Cold-start test metric columns (shown only where results have test_cold).")
 
 PLOT_EXTRA = "pip install -r requirements-report.txt"
 
@@ -119,11 +126,20 @@ def probe_rows(results: dict) -> list:
   return out
 
 
-def comparison_rows(comparison: dict, metrics: Sequence[str], main_metric: str) -> list:
-  """[(model, seeds, (mean, std) per test metric..., valid (mean, std))] of a compare run's comparison.json."""
+def has_cold(comparison: dict) -> bool:
+  """Whether any model of a compare run's comparison.json has cold-start test metrics."""
+  return any(entry.get("test_cold") for entry in comparison["models"].values())
+
+
+def comparison_rows(comparison: dict, metrics: Sequence[str], main_metric: str,
+                    cold_metrics: Sequence[str] = ()) -> list:
+  """[(model, seeds, (mean, std) per test metric..., valid (mean, std), (mean, std) per cold test metric...)] of a
+  compare run's comparison.json (cold_metrics: the cold-start columns, () for none)."""
   pair = lambda stats: (stats["mean"], stats["std"]) if stats else None
   return [(model, len(entry.get("seeds", [])), *[pair(entry.get("test", {}).get(m)) for m in metrics],
-           pair(entry.get("valid", {}).get(main_metric))) for model, entry in comparison["models"].items()]
+           pair(entry.get("valid", {}).get(main_metric)),
+           *[pair((entry.get("test_cold") or {}).get(m)) for m in cold_metrics])
+          for model, entry in comparison["models"].items()]
 
 
 def _longtail_entries(named_results: Sequence[tuple]) -> list:
@@ -174,12 +190,19 @@ def plot_curves(plt, named_results: Sequence[tuple], path: str) -> bool:
   if not runs:
     return False
   fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+  dashed = False
   for name, results in runs:
     metric = results.get("valid_metric", "recall@20")
-    epochs = [h.get("epoch", i) for i, h in enumerate(results["history"])]
-    ax_loss.plot(epochs, [h.get("loss", float("nan")) for h in results["history"]], label=name)
-    ax_metric.plot(epochs, [h.get(f"valid_{metric}", float("nan")) for h in results["history"]], label=name)
-    ax_metric.set_ylabel(f"valid {metric}")
+    history = results["history"]
+    epochs = [h.get("epoch", i) for i, h in enumerate(history)]
+    ax_loss.plot(epochs, [h.get("loss", float("nan")) for h in history], label=name)
+    (line,) = ax_metric.plot(epochs, [h.get(f"valid_{metric}", float("nan")) for h in history], label=name)
+    cold = f"valid_cold_{metric}"
+    if any(cold in h for h in history):  # cold-start items: the same run's cold valid metric, dashed
+      ax_metric.plot(epochs, [h.get(cold, float("nan")) for h in history], linestyle="--", color=line.get_color(),
+                     label=f"{name} (cold items)")
+      dashed = True
+    ax_metric.set_ylabel(f"valid {metric}" + (" (dashed: cold items)" if dashed else ""))
   ax_loss.set_xlabel("epoch")
   ax_loss.set_ylabel("training loss")
   ax_metric.set_xlabel("epoch")
@@ -213,18 +236,21 @@ def plot_probe(plt, named_results: Sequence[tuple], metric: str, path: str) -> b
   return True
 
 
-def plot_comparison(plt, named_results: Sequence[tuple], metric: str, path: str) -> bool:
+def plot_comparison(plt, named_results: Sequence[tuple], metric: str, path: str, split: str = "test") -> bool:
+  """Bars of each compare workdir's `split` metric per model (test, or test_cold where a model has it)."""
   panels = [(n, r["comparison"]) for n, r in named_results if r.get("comparison")]
+  if split != "test":
+    panels = [(n, c) for n, c in panels if any(e.get(split) for e in c["models"].values())]
   if not panels:
     return False
   fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 5 * len(panels)), 4), squeeze=False)
   for ax, (name, comparison) in zip(axes[0], panels):
     models = list(comparison["models"])
-    stats = [comparison["models"][m].get("test", {}).get(metric) or {"mean": 0.0, "std": 0.0} for m in models]
+    stats = [(comparison["models"][m].get(split) or {}).get(metric) or {"mean": 0.0, "std": 0.0} for m in models]
     ax.bar(range(len(models)), [s["mean"] for s in stats], yerr=[s["std"] for s in stats], capsize=3)
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels(models, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+    ax.set_ylabel(f"{'cold test' if split == 'test_cold' else split} {metric} (mean ± std over seeds)")
     ax.set_title(f"{name} ({comparison.get('dataset', '?')})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
@@ -250,8 +276,11 @@ def plot_longtail(plt, entries: Sequence[tuple], metric: str, path: str) -> bool
 # ------------------------------------------------------------------------------------------------------ report
 
 def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
-                 metrics: Sequence[str] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")) -> str:
-  """Writes `<out_dir>/report.md` (+ PNGs) for the runs in `workdirs`; returns the report's path."""
+                 metrics: Sequence[str] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20"),
+                 cold_metrics: Sequence[str] = ("recall@20", "ndcg@20")) -> str:
+  """Writes `<out_dir>/report.md` (+ PNGs) for the runs in `workdirs`; returns the report's path.
+
+  cold_metrics: the cold-start test columns, shown where some result has test_cold."""
   if not workdirs:
     raise ValueError("no workdirs given: python -m alignrec_jax.report <workdir> [<workdir> ...]")
   named = list(zip(run_names(workdirs), [load_results(w) for w in workdirs]))
@@ -267,20 +296,26 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
     if not comparison:
       continue
     seeds = sorted({s for entry in comparison["models"].values() for s in entry.get("seeds", [])})
+    cold = list(cold_metrics) if has_cold(comparison) else []
     header = ["model", "seeds"] + [f"test {m}" for m in metrics] + [f"valid {main_metric}"]
+    header += [f"cold test {m}" for m in cold]
     lines += [f"## Model comparison: `{name}` ({comparison.get('dataset', '?')})", "",
               f"Each model trained with seeds {seeds} on the same data, splits, sampler and evaluation; metrics at "
               "each run's best valid epoch, mean ± sample std over its seeds; the best mean of each column in bold."
               + (f" Hyper-parameters selected on valid {comparison['select_metric']}."
-                 if comparison.get("select_metric") else ""), "",
-              markdown_table(header, comparison_rows(comparison, metrics, main_metric), bold_from=2), ""]
+                 if comparison.get("select_metric") else "")
+              + (" Cold test: ranked over the cold-start items (held out of training) only." if cold else ""), "",
+              markdown_table(header, comparison_rows(comparison, metrics, main_metric, cold), bold_from=2), ""]
 
   trained = [(n, r) for n, r in named if isinstance(r.get("test"), dict) and r.get("test")]
   if trained:
+    cold = list(cold_metrics) if any(isinstance(r.get("test_cold"), dict) for _, r in trained) else []
     header = ["run", "best epoch", f"valid {main_metric}"] + [f"test {m}" for m in metrics]
-    rows = [(n, r.get("best_epoch", "–"), r.get("valid", {}).get(main_metric),
-             *[r["test"].get(m) for m in metrics]) for n, r in trained]
-    lines += ["## Runs side by side", "", "Best valid epoch's metrics; the best of each column in bold.", "",
+    header += [f"cold test {m}" for m in cold]
+    rows = [(n, r.get("best_epoch", "–"), r.get("valid", {}).get(main_metric), *[r["test"].get(m) for m in metrics],
+             *[(r.get("test_cold") or {}).get(m) for m in cold]) for n, r in trained]
+    lines += ["## Runs side by side", "", "Best valid epoch's metrics; the best of each column in bold."
+              + (" Cold test: ranked over the cold-start items (held out of training) only." if cold else ""), "",
               markdown_table(header, rows, bold_from=2), ""]
 
   probed = [(n, r) for n, r in named if r.get("probe")]
@@ -328,6 +363,8 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
   else:
     for file, title, draw in (
         ("comparison.png", "Model comparison", lambda p: plot_comparison(plt, named, main_metric, p)),
+        ("comparison_cold.png", "Model comparison on cold-start items",
+         lambda p: plot_comparison(plt, named, main_metric, p, split="test_cold")),
         ("curves.png", "Training curves", lambda p: plot_curves(plt, named, p)),
         ("probe.png", "Probe metrics per feature table", lambda p: plot_probe(plt, named, main_metric, p)),
         ("longtail.png", "Long-tail groups", lambda p: plot_longtail(plt, entries, main_metric, p))):
@@ -342,7 +379,7 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
 
 
 def main(argv):
-  path = build_report(argv[1:], _OUT.value, tuple(_METRICS.value))
+  path = build_report(argv[1:], _OUT.value, tuple(_METRICS.value), tuple(_COLD_METRICS.value))
   print(f"report: {path}")
 
 

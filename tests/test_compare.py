@@ -126,3 +126,72 @@ def test_grid_keys_restrict_the_grid_and_unknown_keys_fail(tmp_path):
   config = base.get_base_config()
   with pytest.raises(ValueError, match="not in the grid of 'vbpr'"):
     compare.select_on_grid(config, "vbpr", 0, str(tmp_path), "recall@20", ("model.vbpr.nope",))
+
+
+def _split(r20, ndcg20):
+  return {"recall@10": r20 / 2, "recall@20": r20, "ndcg@10": ndcg20 / 2, "ndcg@20": ndcg20}
+
+
+def _cold_runs():
+  """Two seeds' results.json with cold-start splits: cold test recall@20 0.10 / 0.14, ndcg@20 0.04 / 0.06."""
+  return {5: {"best_epoch": 3, "valid": _split(0.30, 0.20), "test": _split(0.28, 0.18),
+              "valid_cold": _split(0.11, 0.05), "test_cold": _split(0.10, 0.04)},
+          6: {"best_epoch": 4, "valid": _split(0.32, 0.22), "test": _split(0.30, 0.20),
+              "valid_cold": _split(0.13, 0.07), "test_cold": _split(0.14, 0.06)}}
+
+
+def test_summarise_covers_the_cold_splits_every_seed_has():
+  stats = compare.summarise(_cold_runs())
+  assert set(stats) == {"valid", "test", "valid_cold", "test_cold"}
+  # mean 0.12, sample std sqrt((0.02² + 0.02²) / 1) = 0.02·√2
+  assert math.isclose(stats["test_cold"]["recall@20"]["mean"], 0.12)
+  assert math.isclose(stats["test_cold"]["recall@20"]["std"], 0.02 * math.sqrt(2))
+  assert math.isclose(stats["test_cold"]["ndcg@20"]["mean"], 0.05)
+  assert math.isclose(stats["valid_cold"]["ndcg@20"]["std"], 0.01 * math.sqrt(2))  # 0.05 / 0.07
+  # A seed without the cold splits: only the warm ones are summarised.
+  mixed = _cold_runs()
+  del mixed[6]["test_cold"], mixed[6]["valid_cold"]
+  assert set(compare.summarise(mixed)) == {"valid", "test"}
+
+
+def test_markdown_table_gains_cold_columns_only_when_a_model_has_them():
+  cold = compare.summarise(_cold_runs())
+  warm = {k: cold[k] for k in ("valid", "test")}
+  models = {"alignrec": {"seeds": [5, 6], **cold}, "lightgcn": {"seeds": [5, 6], **warm}}
+  table = compare.markdown_table({"models": models})
+  lines = table.splitlines()
+  assert lines[0] == ("| model | seeds | test recall@10 | test recall@20 | test ndcg@10 | test ndcg@20 "
+                      "| valid recall@20 | cold test recall@20 | cold test ndcg@20 |")
+  assert lines[1] == "|" + "---|" * 9
+  assert lines[2] == ("| alignrec | 2 | 0.1450 ± 0.0071 | 0.2900 ± 0.0141 | 0.0950 ± 0.0071 | 0.1900 ± 0.0141 "
+                      "| 0.3100 | 0.1200 ± 0.0283 | 0.0500 ± 0.0141 |")
+  assert lines[3].endswith("| 0.3100 | n/a | n/a |")
+  # Without cold metrics anywhere: today's table, byte for byte.
+  assert compare.markdown_table({"models": {"lightgcn": {"seeds": [5, 6], **warm}}}) == (
+      "| model | seeds | test recall@10 | test recall@20 | test ndcg@10 | test ndcg@20 | valid recall@20 |\n"
+      "|---|---|---|---|---|---|---|\n"
+      "| lightgcn | 2 | 0.1450 ± 0.0071 | 0.2900 ± 0.0141 | 0.0950 ± 0.0071 | 0.1900 ± 0.0141 | 0.3100 |\n")
+
+
+def test_compare_keeps_cold_metrics_in_the_json_and_the_markdown(tmp_path, monkeypatch):
+  runs = _cold_runs()
+  monkeypatch.setattr(compare, "train_once", lambda config, name, seed, overrides, workdir: copy.deepcopy(runs[seed]))
+  config = base.get_base_config()
+  config.seed = 5
+  out = str(tmp_path / "cmp")
+  result = compare.compare(config, ["alignrec"], 2, out)
+  entry = result["models"]["alignrec"]
+  assert entry["runs"]["6"]["test_cold"] == runs[6]["test_cold"]
+  assert entry["runs"]["5"]["valid_cold"]["recall@20"] == 0.11
+  assert math.isclose(entry["test_cold"]["recall@20"]["mean"], 0.12)
+  with open(os.path.join(out, "comparison.json")) as f:
+    assert json.load(f)["models"]["alignrec"]["test_cold"]["ndcg@20"]["values"] == [0.04, 0.06]
+  with open(os.path.join(out, "comparison.md")) as f:
+    text = f.read()
+  assert "cold test recall@20 | cold test ndcg@20 |" in text and "| 0.1200 ± 0.0283 | 0.0500 ± 0.0141 |" in text
+  # The same runs without cold splits: no cold key, no cold column, no cold note.
+  for r in runs.values():
+    del r["valid_cold"], r["test_cold"]
+  warm = compare.compare(config, ["alignrec"], 2, str(tmp_path / "warm"))["models"]["alignrec"]
+  assert not [k for k in warm if "cold" in k] and not [k for r in warm["runs"].values() for k in r if "cold" in k]
+  assert "cold" not in (tmp_path / "warm" / "comparison.md").read_text()
