@@ -44,6 +44,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from alignrec_jax.data import atomic
+from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.models import get_model
 from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
@@ -51,8 +52,7 @@ from alignrec_jax.train import recommend
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 COLD_TABLE_METRICS = ("recall@20", "ndcg@20")  # cold-start columns, after the warm ones
-COLD_SPLITS = ("valid_cold", "test_cold")  # only with cold-start items (--config.data.cold_items)
-SPLITS = ("valid", "test") + COLD_SPLITS
+SPLITS = ("valid", "test") + COLD_SPLITS  # the cold ones only with cold-start items (--config.data.cold_items)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
