@@ -190,8 +190,11 @@ def _block_train_items(split: ranking.EvalSplit, start: int, n: int, batch: int)
 
 
 def item_cf_topk(knn: tuple[np.ndarray, np.ndarray], split: ranking.EvalSplit, k: int = 50,
-                 batch_users: int = 4096) -> np.ndarray:
-  """[n_eval, k] item ids ranked by ItemKNNCBF scores R_u S^k for the split's users, train items masked."""
+                 batch_users: int = 4096, history: Optional[ranking.EvalSplit] = None) -> np.ndarray:
+  """[n_eval, k] item ids ranked by ItemKNNCBF scores R_u S^k for the split's users, the split's mask applied.
+
+  history: the users' train items R_u when the split masks more than them (ranking.over_all_items); by default
+  the split's mask, which is then exactly the train items."""
   knn_val, knn_idx = (jnp.asarray(a) for a in knn)
   n_items = split.n_items
   k = min(k, n_items)
@@ -199,9 +202,9 @@ def item_cf_topk(knn: tuple[np.ndarray, np.ndarray], split: ranking.EvalSplit, k
   out = []
   for start in range(0, len(split.users), batch):
     n = min(batch, len(split.users) - start)
-    # The train items of these users are both the rows of R (scores) and the entries to mask.
-    rows, cols = _block_train_items(split, start, n, batch)
-    ids = _cf_topk(knn_val, knn_idx, rows, cols, rows, cols, batch=batch, k=k)
+    rows, cols = _block_train_items(split, start, n, batch)  # the entries to mask
+    hist_rows, hist_cols = (rows, cols) if history is None else _block_train_items(history, start, n, batch)
+    ids = _cf_topk(knn_val, knn_idx, hist_rows, hist_cols, rows, cols, batch=batch, k=k)
     out.append(np.asarray(ids)[:n])
   return np.concatenate(out) if out else np.zeros((0, k), np.int32)
 
@@ -276,9 +279,11 @@ def probe_features(features: np.ndarray, data: mmrec.RecData, splits: Mapping[st
         for name, split in splits.items()}
   if "item_cf" in classes:
     knn = item_knn(features, item_cf_k, item_cf_shrink)
-    out["item_cf"] = {
-        name: _evaluate_topk(item_cf_topk(knn, split, k, ev.batch_users), split, ev, item_groups)
-        for name, split in splits.items()}
+    out["item_cf"] = {}
+    for name, split in splits.items():
+      history = ranking.make_user_split(data, split.users)  # the train items, whatever else the split masks
+      out["item_cf"][name] = _evaluate_topk(item_cf_topk(knn, split, k, ev.batch_users, history), split, ev,
+                                            item_groups)
   return out
 
 
@@ -310,7 +315,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data_cfg.image_feat, data_cfg.text_feat, data_cfg.features_from = "", "", ""
   data = bridge.load_dataset(data_cfg)
   logging.info("probe on %s", data.summary())
-  splits = {name: ranking.make_eval_split(data, name) for name in ("valid", "test")}
+  # with cold-start items: the cold splits too, each ranked over its candidates (masking the other items)
+  splits = {name: ranking.over_all_items(data, ranking.make_eval_split(data, name))
+            for name in data.held_out_splits()}
   item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None
 
   tables, sources = {}, {}

@@ -99,6 +99,24 @@ def make_eval_split(data: RecData, split: str) -> EvalSplit:
                    np.asarray(candidates, np.int32))
 
 
+def over_all_items(data: RecData, split: EvalSplit) -> EvalSplit:
+  """`split` in item-id space over every item, the items outside its candidates masked with the train items, for
+  code that scores every item (the probes). The same ranking as `split`'s (ties still go to the lower item id).
+  Its mask holds |users| x |items outside| entries: meant for probe-sized data."""
+  if split.candidates is None:
+    return split
+  n_users = len(split.users)
+  train_indptr, train_items = _csr_rows(*data.train_csr(), split.users)
+  outside = np.setdiff1d(np.arange(data.n_items), split.candidates)
+  rows = np.concatenate([np.repeat(np.arange(n_users), np.diff(train_indptr)), np.repeat(np.arange(n_users),
+                                                                                        len(outside))])
+  items = np.concatenate([train_items, np.tile(outside, n_users)])
+  keys = np.unique(rows.astype(np.int64) * data.n_items + items)
+  mask_indptr = np.concatenate([[0], np.cumsum(np.bincount(keys // data.n_items, minlength=n_users))])
+  return EvalSplit(split.name, split.users, mask_indptr.astype(np.int64), (keys % data.n_items).astype(np.int32),
+                   split.truth_indptr, split.candidates[split.truth_items].astype(np.int32), data.n_items)
+
+
 def make_user_split(data: RecData, users: np.ndarray, exclude_seen: bool = True, name: str = "users") -> EvalSplit:
   """A split of any users (in the given order, repeats allowed) with no held-out items, for `topk_items`: their
   train items masked exactly as `make_eval_split` masks them (`exclude_seen`), or nothing masked."""

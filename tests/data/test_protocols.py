@@ -171,3 +171,20 @@ def test_a_bad_fraction_in_the_file_is_a_data_error_naming_the_file(tmp_path):
   _write_dataset(tmp_path)
   with pytest.raises(DataError, match=r"toy.inter: config.data.cold_items=0.01"):
     mmrec.load_dataset(_data_config(tmp_path, cold_items=0.01))
+
+
+def test_a_cold_split_over_all_items_ranks_like_its_candidate_split(tmp_path):
+  # the probes score every item; masking the items outside a split's candidates must give its exact metrics
+  _write_dataset(tmp_path)
+  data = mmrec.load_dataset(_data_config(tmp_path, cold_items=0.25, split_seed=2))
+  rng = np.random.default_rng(0)
+  user_emb = rng.standard_normal((data.n_users, 4)).astype(np.float32)
+  item_emb = rng.standard_normal((data.n_items, 4)).astype(np.float32)
+  for name in data.held_out_splits():
+    split = ranking.make_eval_split(data, name)
+    full = ranking.over_all_items(data, split)
+    assert full.n_items == data.n_items and full.candidates is None
+    expected = ranking.evaluate(user_emb, item_emb, split, topk=(1, 5), round_digits=None)
+    assert ranking.evaluate(user_emb, item_emb, full, topk=(1, 5), round_digits=None) == expected
+    top = ranking.topk_items(user_emb, item_emb, full, k=5)
+    assert np.isin(top, split.candidates).all()
