@@ -90,9 +90,6 @@ def arms(config, workdir: str) -> list:
   out = []
   if _STAGE1.value:
     out.append(("mmenc_ica", "alignrec", {"features_from": os.path.join(_STAGE1.value, "pretrained")}))
-  if _STAGE1_NO_BOW.value:
-    out.append(("mmenc_ica_no_cls_bow", "alignrec", {"features_from": os.path.join(_STAGE1_NO_BOW.value,
-                                                                                    "pretrained")}))
   if _STAGE1.value:
     out.append(("mmenc_random_init", "alignrec", {"features_from": os.path.join(_STAGE1.value, "random")}))
   tables = os.path.join(workdir, "tables")
@@ -103,6 +100,9 @@ def arms(config, workdir: str) -> list:
     if not os.path.exists(path):
       atomic.save_npy(path, text_tfidf(_item_texts(config, n_items)))
     out.append(("text_tfidf", "alignrec", {"image_feat": path}))
+  if _STAGE1_NO_BOW.value:
+    out.append(("mmenc_ica_no_cls_bow", "alignrec", {"features_from": os.path.join(_STAGE1_NO_BOW.value,
+                                                                                    "pretrained")}))
   for name in _FEATURES.value:
     path = os.path.join(config.data.root, name)
     out.append((os.path.splitext(name)[0], "alignrec", {"image_feat": path}))
