@@ -76,14 +76,15 @@ def _initialise_jax(config) -> None:
 
 def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "map")) -> str:
   """The final metrics as a fixed-width table: one row per split, one column per metric@K."""
-  splits = [s for s in ("valid", "test") if isinstance(results.get(s), dict)]
+  splits = [s for s in ("valid", "test", "valid_cold", "test_cold") if isinstance(results.get(s), dict)]
   if not splits:
     return ""
   columns = [c for c in results[splits[0]] if c.split("@")[0] in keys]
   width = max(11, *(len(c) + 1 for c in columns))
-  lines = ["split".ljust(7) + "".join(c.rjust(width) for c in columns)]
+  label = max(7, *(len(s) + 1 for s in splits))
+  lines = ["split".ljust(label) + "".join(c.rjust(width) for c in columns)]
   for split in splits:
-    lines.append(split.ljust(7) + "".join(f"{results[split].get(c, float('nan')):{width}.4f}" for c in columns))
+    lines.append(split.ljust(label) + "".join(f"{results[split].get(c, float('nan')):{width}.4f}" for c in columns))
   return "\n".join(lines)
 
 

@@ -43,6 +43,9 @@ def test_metrics_table():
   table = cli.format_metrics_table(results).splitlines()
   assert table[0].split() == ["split", "recall@10", "recall@20"]
   assert table[2].split() == ["test", "0.1500", "0.2500"]
+  results["test_cold"] = {"recall@10": 0.3, "recall@20": 0.4}
+  table = cli.format_metrics_table(results).splitlines()
+  assert table[3].split() == ["test_cold", "0.3000", "0.4000"] and len(table) == 4
 
 
 def test_missing_data_is_one_clear_line(tmp_path):
