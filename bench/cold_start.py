@@ -16,13 +16,14 @@ lfm2k, the protocol checked where the answer is known (real features against ran
 
 Arms (each an `alignrec_jax.compare` run of AlignRec in <workdir>/<arm>/, same data, split, sampler and evaluation):
   mmenc_ica                 the feature table of <stage1>/pretrained (ICA pre-training)
-  mmenc_ica_no_cls_bow      the feature table of <stage1_no_cls_bow>/pretrained
   mmenc_random_init         the feature table of <stage1>/random (the same encoder at its initialisation)
   text_tfidf                TF-IDF of the item texts (the words of data.items_file's text column that occur in at
                             least two items; rows L2-normalised), written to <workdir>/tables/
+  mmenc_ica_no_cls_bow      the feature table of <stage1_no_cls_bow>/pretrained
   <file stem>               a feature file of data.root (--features), and with --random_twins random_<d>: Gaussian
                             features of its width d (seeded by --table_seed)
   lightgcn_id_only          LightGCN without features: the floor a content model must beat on cold items
+The sparse-user protocol is the same command with --config.data.train_fraction=0.2 instead of cold_items.
 Model selection uses valid only (config.eval.select_on, warm valid by default); test is read at the selected epoch.
 Finished runs are reused and interrupted ones resume, so the command can be re-run until it completes. Writes
 <workdir>/cold_start.json and cold_start.md (cold and warm test metrics, mean ± sample std over the seeds) and prints
@@ -150,12 +151,15 @@ def main(argv):
   for arm, entry in merged["models"].items():
     cells = [_cell(entry, *c.split(" ")) for c in COLUMNS]
     lines.append(f"| {arm} | {entry['model']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+  data = mmrec.load_dataset(config.data)
+  chance = "".join(f"; {name} ranks {len(items)} items, where a random order has recall@20 = {min(20, len(items))}"
+                   f"/{len(items)} = {min(20, len(items)) / len(items):.4f}" for name, items in data.cold_items.items())
   minutes = (time.time() - start) / 60
   protocol = (f"data.cold_items={config.data.cold_items}, data.train_fraction={config.data.train_fraction}, "
               f"data.split_seed={config.data.split_seed}, selected on {config.eval.select_on} "
               f"{config.eval.valid_metric}")
   text = (f"# {config.data.name}: {protocol}\n\nTest metrics at the selected epoch, mean ± sample std over seeds; "
-          "test_cold ranks the cold items only.\n\n" + "\n".join(lines) + "\n")
+          f"test_cold ranks the cold items only{chance}.\n\n" + "\n".join(lines) + "\n")
   atomic.write_text(os.path.join(workdir, "cold_start.md"), text)
   print(text)
   print(f"wall time of this command: {minutes:.1f} min (finished runs are reused, so a rerun is quicker)")
