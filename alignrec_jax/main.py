@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from alignrec_jax import export
 from alignrec_jax.data import atomic
+from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.eval import probes
 from alignrec_jax.train import checks
@@ -76,7 +77,7 @@ def _initialise_jax(config) -> None:
 
 def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "map")) -> str:
   """The final metrics as a fixed-width table: one row per split, one column per metric@K."""
-  splits = [s for s in ("valid", "test", "valid_cold", "test_cold") if isinstance(results.get(s), dict)]
+  splits = [s for s in ("valid", "test") + COLD_SPLITS if isinstance(results.get(s), dict)]
   if not splits:
     return ""
   columns = [c for c in results[splits[0]] if c.split("@")[0] in keys]

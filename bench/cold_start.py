@@ -86,7 +86,7 @@ def _item_texts(config, n_items: int) -> list:
   return list(table.texts)
 
 
-def arms(config, workdir: str) -> list:
+def arms(config, workdir: str, n_items: int) -> list:
   """[(arm, model, {config.data key: value})], writing the derived tables first."""
   out = []
   if _STAGE1.value:
@@ -95,7 +95,6 @@ def arms(config, workdir: str) -> list:
     out.append(("mmenc_random_init", "alignrec", {"features_from": os.path.join(_STAGE1.value, "random")}))
   tables = os.path.join(workdir, "tables")
   os.makedirs(tables, exist_ok=True)
-  n_items = mmrec.load_dataset(config.data).n_items
   if _TFIDF.value:
     path = os.path.join(tables, "text_tfidf.npy")
     if not os.path.exists(path):
@@ -137,7 +136,8 @@ def main(argv):
   merged = {"dataset": config.data.name, "cold_items": config.data.cold_items,
             "train_fraction": config.data.train_fraction, "split_seed": config.data.split_seed,
             "select_on": config.eval.select_on, "models": {}}
-  for arm, model, data_overrides in arms(config, workdir):
+  data = mmrec.load_dataset(config.data)  # the split every arm trains on: its cold items and the item count
+  for arm, model, data_overrides in arms(config, workdir, data.n_items):
     arm_config = config.copy_and_resolve_references()
     with arm_config.unlocked():
       arm_config.data.features_from = ""
@@ -151,7 +151,6 @@ def main(argv):
   for arm, entry in merged["models"].items():
     cells = [_cell(entry, *c.split(" ")) for c in COLUMNS]
     lines.append(f"| {arm} | {entry['model']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-  data = mmrec.load_dataset(config.data)
   chance = "".join(f"; {name} ranks {len(items)} items, where a random order has recall@20 = {min(20, len(items))}"
                    f"/{len(items)} = {min(20, len(items)) / len(items):.4f}" for name, items in data.cold_items.items())
   minutes = (time.time() - start) / 60

@@ -457,11 +457,12 @@ def evaluate(user_emb, item_emb, split: EvalSplit, topk: Sequence[int] = (5, 10,
   item_emb: [n_items, d] of every item; a split with `candidates` ranks those rows only (item_groups: item ids).
   """
   if split.candidates is not None:
+    if item_groups:  # item ids -> positions among the candidates; other items are never ranked
+      position = np.full(item_emb.shape[0], -1, np.int64)
+      position[split.candidates] = np.arange(len(split.candidates))
+      item_groups = {name: position[np.asarray(items, np.int64)] for name, items in item_groups.items()}
+      item_groups = {name: p[p >= 0] for name, p in item_groups.items()}
     item_emb = item_emb[split.candidates]
-    if item_groups:
-      position = {int(item): p for p, item in enumerate(split.candidates)}
-      item_groups = {name: np.asarray([position[int(i)] for i in items if int(i) in position], np.int64)
-                     for name, items in item_groups.items()}
   ranked = hit_items(user_emb, item_emb, split, k=max(topk), batch_users=batch_users)
   if ranked.shape[1] < max(topk):  # fewer items than K (a small cold split): ranks past the last item hit nothing
     ranked = np.pad(ranked, ((0, 0), (0, max(topk) - ranked.shape[1])), constant_values=-1)

@@ -9,6 +9,7 @@ message starts with the key (`config.eval.valid_metric='recall@25': ...`).
 import numbers
 
 from alignrec_jax import models
+from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.eval import evaluators
 from alignrec_jax.eval import ranking
 from alignrec_jax.losses import ica
@@ -82,7 +83,7 @@ def check_eval(config) -> None:
       _fail(f"evals.{name}.kind", spec.get("kind"), f"must be one of {tuple(evaluators.KINDS)}")
     if spec.get("split") not in evaluators.SPLITS:
       _fail(f"evals.{name}.split", spec.get("split"), f"must be one of {evaluators.SPLITS}")
-    if spec.get("split") in ("valid_cold", "test_cold") and not config.data.get("cold_items", 0.0):
+    if spec.get("split") in COLD_SPLITS and not config.data.get("cold_items", 0.0):
       _fail(f"evals.{name}.split", spec.get("split"), "needs cold-start items: set --config.data.cold_items, e.g. 0.2")
   select = ev.get("select_on", "valid")
   if select not in ("valid", "valid_cold"):

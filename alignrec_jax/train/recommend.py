@@ -8,7 +8,8 @@ recompilation); one epoch is every train interaction once; the evaluators of `co
 stopping counts epochs without a strict improvement and stops at the (stopping_step + 1)-th, as MMRec; the reported
 metrics are the best valid epoch's. train/loop.py runs the epochs (devices, guards, checkpoints, resume). Only
 process 0 writes `<workdir>/results.json`: best_epoch, valid, test (and any other evaluator, e.g. valid_cold and
-test_cold with cold-start items, under its name), the per-epoch history and `devices`, the number of devices whose gradients were summed.
+test_cold with cold-start items, under its name), the per-epoch history and `devices`, the number of devices whose
+gradients were summed.
 """
 
 import dataclasses
