@@ -26,8 +26,8 @@ Arms (each an `alignrec_jax.compare` run of AlignRec in <workdir>/<arm>/, same d
 The sparse-user protocol is the same command with --config.data.train_fraction=0.2 instead of cold_items.
 Model selection uses valid only (config.eval.select_on, warm valid by default); test is read at the selected epoch.
 Finished runs are reused and interrupted ones resume, so the command can be re-run until it completes. Writes
-<workdir>/cold_start.json and cold_start.md (cold and warm test metrics, mean ± sample std over the seeds) and prints
-the table and the wall time of the whole command.
+<workdir>/cold_start.json and cold_start.md (cold test, cold valid and warm metrics, mean ± sample std over the
+seeds) and prints the table and the wall time of the whole command.
 """
 
 import collections
@@ -60,7 +60,8 @@ _TWINS = flags.DEFINE_bool("random_twins", False, "with --features: a random tab
 _TABLE_SEED = flags.DEFINE_integer("table_seed", 0, "seed of the random tables")
 _ID_ONLY = flags.DEFINE_bool("id_only", True, "add LightGCN without features")
 
-COLUMNS = ("test_cold recall@20", "test_cold ndcg@20", "test recall@20", "test ndcg@20", "valid recall@20")
+COLUMNS = ("test_cold recall@20", "test_cold ndcg@20", "valid_cold recall@20", "test recall@20", "test ndcg@20",
+           "valid recall@20")
 
 
 def text_tfidf(texts: list) -> np.ndarray:
@@ -146,10 +147,11 @@ def main(argv):
     result = compare.compare(arm_config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
     merged["models"][arm] = dict(result["models"][model], model=model, data=data_overrides)
     atomic.write_json(os.path.join(workdir, "cold_start.json"), merged)
-  header = "| arm | model | seeds | " + " | ".join(COLUMNS) + " |"
-  lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+  columns = COLUMNS if data.cold_items else [c for c in COLUMNS if "_cold" not in c]  # sparse users: no cold split
+  header = "| arm | model | seeds | " + " | ".join(columns) + " |"
+  lines = [header, "|" + "---|" * (len(columns) + 3)]
   for arm, entry in merged["models"].items():
-    cells = [_cell(entry, *c.split(" ")) for c in COLUMNS]
+    cells = [_cell(entry, *c.split(" ")) for c in columns]
     lines.append(f"| {arm} | {entry['model']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
   chance = "".join(f"; {name} ranks {len(items)} items, where a random order has recall@20 = {min(20, len(items))}"
                    f"/{len(items)} = {min(20, len(items)) / len(items):.4f}" for name, items in data.cold_items.items())
@@ -157,8 +159,8 @@ def main(argv):
   protocol = (f"data.cold_items={config.data.cold_items}, data.train_fraction={config.data.train_fraction}, "
               f"data.split_seed={config.data.split_seed}, selected on {config.eval.select_on} "
               f"{config.eval.valid_metric}")
-  text = (f"# {config.data.name}: {protocol}\n\nTest metrics at the selected epoch, mean ± sample std over seeds; "
-          f"test_cold ranks the cold items only{chance}.\n\n" + "\n".join(lines) + "\n")
+  text = (f"# {config.data.name}: {protocol}\n\nMetrics at the selected epoch, mean ± sample std over seeds"
+          f"{'; valid_cold and test_cold rank the cold items only' if data.cold_items else ''}{chance}.\n\n" + "\n".join(lines) + "\n")
   atomic.write_text(os.path.join(workdir, "cold_start.md"), text)
   print(text)
   print(f"wall time of this command: {minutes:.1f} min (finished runs are reused, so a rerun is quicker)")
