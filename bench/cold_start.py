@@ -147,20 +147,23 @@ def main(argv):
     result = compare.compare(arm_config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
     merged["models"][arm] = dict(result["models"][model], model=model, data=data_overrides)
     atomic.write_json(os.path.join(workdir, "cold_start.json"), merged)
-  columns = COLUMNS if data.cold_items else [c for c in COLUMNS if "_cold" not in c]  # sparse users: no cold split
+  # without cold-start items (the sparse-user protocol) the cold columns would all be n/a
+  columns = [c for c in COLUMNS if data.cold_items or c.split(" ")[0] not in mmrec.COLD_SPLITS]
   header = "| arm | model | seeds | " + " | ".join(columns) + " |"
   lines = [header, "|" + "---|" * (len(columns) + 3)]
   for arm, entry in merged["models"].items():
     cells = [_cell(entry, *c.split(" ")) for c in columns]
     lines.append(f"| {arm} | {entry['model']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
-  chance = "".join(f"; {name} ranks {len(items)} items, where a random order has recall@20 = {min(20, len(items))}"
-                   f"/{len(items)} = {min(20, len(items)) / len(items):.4f}" for name, items in data.cold_items.items())
+  caption = "Metrics at the selected epoch, mean ± sample std over seeds"
+  if data.cold_items:
+    caption += "; valid_cold and test_cold rank the cold items only" + "".join(
+        f"; {name} ranks {len(items)} items, where a random order has recall@20 = {min(20, len(items))}"
+        f"/{len(items)} = {min(20, len(items)) / len(items):.4f}" for name, items in data.cold_items.items())
   minutes = (time.time() - start) / 60
   protocol = (f"data.cold_items={config.data.cold_items}, data.train_fraction={config.data.train_fraction}, "
               f"data.split_seed={config.data.split_seed}, selected on {config.eval.select_on} "
               f"{config.eval.valid_metric}")
-  text = (f"# {config.data.name}: {protocol}\n\nMetrics at the selected epoch, mean ± sample std over seeds"
-          f"{'; valid_cold and test_cold rank the cold items only' if data.cold_items else ''}{chance}.\n\n" + "\n".join(lines) + "\n")
+  text = f"# {config.data.name}: {protocol}\n\n{caption}.\n\n" + "\n".join(lines) + "\n"
   atomic.write_text(os.path.join(workdir, "cold_start.md"), text)
   print(text)
   print(f"wall time of this command: {minutes:.1f} min (finished runs are reused, so a rerun is quicker)")

@@ -94,7 +94,7 @@ def check_eval(config) -> None:
 
 def check_protocols(config) -> None:
   """The cold-start and sparse-user protocol keys of config.data (data/protocols.py)."""
-  if not 0.0 <= _number(config, "data.cold_items", 0.0, low_open=False) < 1.0:
+  if _number(config, "data.cold_items", 0.0, low_open=False) >= 1.0:  # _number has refused a negative value
     _fail("data.cold_items", config.data.cold_items, "must lie in [0, 1) (some items must stay warm to train on)")
   _number(config, "data.train_fraction", 0.0, 1.0)
   _int(config, "data.split_seed", 0)
