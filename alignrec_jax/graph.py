@@ -237,7 +237,8 @@ def _knn_block(block: jax.Array, all_rows: jax.Array, k: int):
   return jax.lax.top_k(block @ all_rows.T, k)
 
 
-def knn_graph(features: np.ndarray, k: int, block_rows: int = 4096) -> Graph:
+def knn_graph(features: np.ndarray, k: int, block_rows: int = 4096,
+              members: Optional[np.ndarray] = None) -> Graph:
   """Row-wise top-k cosine kNN graph, "sym" normalised by row sums, not symmetrised (docs/method.md §5.2b).
 
   S_ij = cos(F_i, F_j); row i keeps its k largest entries (itself included); r_i = sum of row i's kept values;
@@ -246,10 +247,17 @@ def knn_graph(features: np.ndarray, k: int, block_rows: int = 4096) -> Graph:
 
   Args:
     features: [n_items, d_f] raw item features (the initial table; the graph is never rebuilt).
+    members: None (every item), or the sorted item ids the graph is built over: only their rows have edges and only
+      they are neighbours, so the other items take no part (the inductive cold-start protocol's held-out items).
   Returns:
-    Graph [n_items, n_items] with n_items * k edges.
+    Graph [n_items, n_items] with len(members) * k edges.
   """
   features = np.asarray(features, np.float32)
+  if members is not None:
+    members = np.asarray(members, np.int64)
+    sub = knn_graph(features[members], k, block_rows)
+    return from_coo(members[np.asarray(sub.dst)], members[np.asarray(sub.src)], np.asarray(sub.w),
+                    features.shape[0], features.shape[0])
   n = features.shape[0]
   if not 1 <= k <= n:
     raise ValueError(f"model.knn_k = {k} must lie in [1, n_items = {n}]")

@@ -56,6 +56,7 @@ class RecData:
   valid_cold: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int32))
   test_cold: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int32))
   cold_items: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  inductive: bool = False  # data.cold_inductive: the cold items take no part in training, not even in the kNN graphs
 
   def split(self, name: str) -> np.ndarray:
     if name not in SPLITS + COLD_SPLITS:
@@ -79,6 +80,11 @@ class RecData:
     for items in self.cold_items.values():
       cold[items] = True
     return np.flatnonzero(~cold).astype(np.int32)
+
+  def graph_members(self):
+    """The item ids the feature kNN graphs are built over: None (every item), or in the inductive cold-start
+    protocol the warm items only, so that a held-out item is attached after training as a new item is."""
+    return self.candidates("valid") if self.inductive else None
 
   @functools.cached_property
   def _train_csr(self):
@@ -331,7 +337,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   if data_config.text_feat:
     features["text"] = load_features(_resolve(root, data_config.text_feat), n_items)
   return RecData(name=data_config.name, n_users=n_users, n_items=n_items, train=train, features=features,
-                 cold_items=cold_items, **held_out)
+                 cold_items=cold_items, inductive=bool(cold_items) and bool(data_config.get("cold_inductive", False)),
+                 **held_out)
 
 
 def _apply_protocols(by_split: dict, data_config: ml_collections.ConfigDict,

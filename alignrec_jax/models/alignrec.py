@@ -77,10 +77,13 @@ class AlignRec(Recommender):
                        f"dataset {data.name!r} has features {sorted(data.features)}")
     features = np.asarray(data.features["image"], np.float32)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
-    item_item = graph_lib.knn_graph(features, int(self.config.model.knn_k))
+    item_item = graph_lib.knn_graph(features, int(self.config.model.knn_k), members=data.graph_members())
     if self.config.model.propagation == "gather":
       adj, user_item, item_item = (graph_lib.with_ell(g) for g in (adj, user_item, item_item))
     return AlignRecInputs(adj, user_item, item_item, jnp.asarray(features))
+
+  def content_slots(self, data: RecData) -> tuple[str, ...]:
+    return ("image",)  # the one slot its kNN graph and content view read
 
   def net(self, inputs: AlignRecInputs) -> AlignRecNet:
     m = self.config.model

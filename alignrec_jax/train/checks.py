@@ -98,6 +98,16 @@ def check_protocols(config) -> None:
     _fail("data.cold_items", config.data.cold_items, "must lie in [0, 1) (some items must stay warm to train on)")
   _number(config, "data.train_fraction", 0.0, 1.0)
   _int(config, "data.split_seed", 0)
+  if config.data.get("cold_inductive", False) and not config.data.get("cold_items", 0.0):
+    _fail("data.cold_inductive", config.data.cold_inductive, "needs cold-start items: set --config.data.cold_items, "
+          "e.g. 0.2")
+  if config.model.get("cold_start", "own") not in ("own", "neighbours"):
+    _fail("model.cold_start", config.model.cold_start, "must be 'own' (the model's vectors) or 'neighbours' (the "
+          "mean of the most similar trained items' vectors)")
+  if config.model.get("cold_start", "own") == "neighbours" and config.model.name in models.registered():
+    if models.get_model(config.model.name).content_slots is models.Recommender.content_slots:
+      _fail("model.cold_start", "neighbours", f"needs a content model; {config.model.name!r} scores items by their "
+            "ID embedding alone (keep model.cold_start='own')")
 
 
 def check_stage2(config) -> None:

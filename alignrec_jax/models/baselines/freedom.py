@@ -47,10 +47,12 @@ class FreedomInputs(B.Sizes):
   edge_probs: jax.Array
 
 
-def binary_knn_graph(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def binary_knn_graph(features: np.ndarray, k: int,
+                     members: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """FREEDOM's kNN graph of one modality as COO (rows, cols, values): top-k cosine columns of each row, weight
-  1/(k + 1e-7) (MMRec's compute_normalized_laplacian of the binary kNN matrix). features: [I, d_f]."""
-  g = graph_lib.knn_graph(features, k)  # only its edges (row i -> its top-k) are used, not its cosine weights
+  1/(k + 1e-7) (MMRec's compute_normalized_laplacian of the binary kNN matrix). features: [I, d_f]; members as
+  graph.knn_graph's."""
+  g = graph_lib.knn_graph(features, k, members=members)  # only its edges (row i -> its top-k) are used, not its cosine weights
   rows, cols = np.asarray(g.dst, np.int64), np.asarray(g.src, np.int64)
   row_sum = 1e-7 + np.bincount(rows, minlength=features.shape[0]).astype(np.float64)
   values = row_sum[rows] ** -0.5 * row_sum[cols] ** -0.5
@@ -114,10 +116,13 @@ class Freedom(B.Baseline):
     if self.hp.knn_k < 1:
       raise ValueError(f"config.model.freedom.knn_k={self.hp.knn_k} must be >= 1")
 
+  def content_slots(self, data) -> tuple[str, ...]:
+    return tuple(slot for slot, _, _ in B.modalities(data))
+
   def build_inputs(self, data) -> FreedomInputs:
     found = B.require_modalities(data, self.name)
     k = int(self.hp.knn_k)
-    parts = {slot: binary_knn_graph(f, k) for slot, _, f in found}
+    parts = {slot: binary_knn_graph(f, k, data.graph_members()) for slot, _, f in found}
     if len(parts) == 2:  # the reference mixes the two modalities' graphs
       scale = {"image": self.hp.mm_image_weight, "text": 1.0 - self.hp.mm_image_weight}
     else:

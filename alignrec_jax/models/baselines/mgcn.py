@@ -89,10 +89,13 @@ class MGCN(B.Baseline):
     if self.hp.knn_k < 1:
       raise ValueError(f"config.model.mgcn.knn_k={self.hp.knn_k} must be >= 1")
 
+  def content_slots(self, data) -> tuple[str, ...]:
+    return tuple(slot for slot, _, _ in B.modalities(data))
+
   def build_inputs(self, data) -> MGCNInputs:
     found = B.require_modalities(data, self.name)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
-    knn = {slot: graph_lib.knn_graph(f, int(self.hp.knn_k)) for slot, _, f in found}
+    knn = {slot: graph_lib.knn_graph(f, int(self.hp.knn_k), members=data.graph_members()) for slot, _, f in found}
     return MGCNInputs(adj=adj, user_item=user_item, knn=knn, features={s: jnp.asarray(f) for s, _, f in found},
                       n_users=data.n_users, n_items=data.n_items)
 
