@@ -33,6 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.drop_duplicates = False  # True: drop repeated rows and train/valid/test overlaps (counted) instead of failing
   # evaluation protocols on top of the file's split (data/protocols.py); the defaults leave the data as it is
   data.cold_items = 0.0         # fraction of the items held out of training as cold-start items (valid_cold/test_cold)
+  data.cold_inductive = False   # True: the cold items stay out of the kNN graphs too, attached as new items at eval
   data.train_fraction = 1.0     # fraction of each user's train interactions kept (sparse users; at least one)
   data.split_seed = 0           # seeds both protocols: every model and training seed sees the same split
   data.synthetic = False        # generate the embedded default dataset into root
@@ -50,6 +51,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.freeze_features = False  # reference: the feature table is trainable
   model.sim_target = "current"  # 'current' (reference: fine-tuned table) | 'frozen' (initial table)
   model.side_emb_div = 0.0      # Fuser: h = h_id + h_mm / div (0 = plain sum, the reference default)
+  # how items without train interactions (cold-start, new) are scored, for every content model: 'own' = the model's
+  # own vectors (the paper); 'neighbours' = the cosine-weighted mean of the vectors of their knn_k most similar
+  # trained items by the features (models/new_items.py). Items added to a trained run always take 'neighbours'.
+  model.cold_start = "own"
   model.propagation = "gather"  # gather (padded neighbour lists) | segment_sum | autodiff; bench/propagation.py
   # every other registered model's own hyper-parameters live under config.model.<name> (e.g.
   # --config.model.freedom.dropout=0.9); their defaults stand beside each model (its default_config())

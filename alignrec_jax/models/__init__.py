@@ -61,6 +61,12 @@ class Recommender:
   def build_inputs(self, data):
     raise NotImplementedError
 
+  def content_slots(self, data) -> tuple[str, ...]:
+    """The data.features slots whose rows the model scores an item from ((): an ID-only model, which cannot score
+    an item without interactions). models/new_items.py attaches cold and new items by these slots' similarity."""
+    del data
+    return ()
+
   def net(self, inputs) -> nn.Module:
     raise NotImplementedError
 

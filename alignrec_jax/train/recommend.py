@@ -27,6 +27,7 @@ from alignrec_jax.data import mmrec
 from alignrec_jax.data.sampler import BPRSampler
 from alignrec_jax.eval import evaluators
 from alignrec_jax.models import get_model
+from alignrec_jax.models import new_items
 from alignrec_jax.train import bridge
 from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
@@ -66,8 +67,10 @@ class Recommending(loop.Stage):
   name = "train"
   nan_hint = "lower config.optim.lr or check the features"
 
-  def __init__(self, config: ml_collections.ConfigDict, model, data: mmrec.RecData, sampler: BPRSampler):
+  def __init__(self, config: ml_collections.ConfigDict, model, data: mmrec.RecData, sampler: BPRSampler,
+               cold_start=None):
     self.config, self.model, self.sampler = config, model, sampler
+    self.cold_start = cold_start  # models/new_items.ColdStart of model.cold_start='neighbours', else None
     self.loss = model.loss
     self.tx = make_optimizer(config)
     self.divergence_factor = float(config.train.divergence_factor)
@@ -102,6 +105,8 @@ class Recommending(loop.Stage):
     train_s = means.pop("train_s")
     t0 = time.time()
     user_emb, item_emb = representations(self.model.representations)
+    if self.cold_start is not None:
+      item_emb = self.cold_start(item_emb)
     scores = {name: evaluate(user_emb, item_emb) for name, evaluate in self.evaluators.items()}
     valid, test = scores["valid"], scores["test"]
     eval_s = time.time() - t0
@@ -152,12 +157,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = get_model(config.model.name)(config)
   t0 = time.time()
   inputs = model.build_inputs(data)
+  cold_start = new_items.cold_start(model, data, config)
   data = dataclasses.replace(data, features={})  # the model holds what it needs; free the host copy
   logging.info("graphs and inputs built in %.1fs", time.time() - t0)
   devices = parallel.train_devices(config.train.num_devices)
   n_summed = parallel.collective_size(devices)  # == len(devices): the all-reduce spans every process's devices
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=config.seed)
-  stage = Recommending(config, model, data, sampler)
+  stage = Recommending(config, model, data, sampler, cold_start)
   params = model.init(jax.random.PRNGKey(config.seed), inputs)
   inputs = model.inputs_after_init(inputs)  # drops what only seeded the parameters (AlignRec's initial features)
   opt_state = stage.tx.init(params)

@@ -77,6 +77,9 @@ class BM3(B.Baseline):
     if not 0.0 <= self.hp.dropout < 1.0:
       raise ValueError(f"config.model.bm3.dropout={self.hp.dropout} must lie in [0, 1)")
 
+  def content_slots(self, data) -> tuple[str, ...]:
+    return ("text",) if self.hp.text_only else tuple(slot for slot, _, _ in B.modalities(data))
+
   def build_inputs(self, data) -> BM3Inputs:
     found = B.require_modalities(data, self.name)
     if self.hp.text_only:

@@ -46,6 +46,9 @@ class VBPR(B.Baseline):
   defaults = {"reg_weight": 1e-3}
   grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.vbpr.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}
 
+  def content_slots(self, data) -> tuple[str, ...]:
+    return tuple(slot for slot, _, _ in B.modalities(data))
+
   def build_inputs(self, data) -> VBPRInputs:
     found = B.require_modalities(data, self.name)
     ordered = sorted(found, key=lambda m: 0 if m[0] == "text" else 1)  # MMRec: torch.cat((t_feat, v_feat))
