@@ -20,8 +20,13 @@ the function evaluation scores with (score = dot product), and writes into `<wor
                  the sha256 of each file above
 
 The four files are written into a temporary folder that replaces `export/` only when all of them are complete.
-docs/formats.md describes the formats. Cold items (scored through their features only) are not exported: that
-needs a cold-start protocol the trainer does not have yet.
+docs/formats.md describes the formats. With model.cold_start='neighbours' the item vectors of items without train
+interactions are the neighbour rule's (models/new_items.py), as evaluation scored them.
+
+New items: `run.add_items(features=F)` ([n, d] rows in the run's feature slot) attaches them to the run's trained
+items by the neighbour rule and gives them the ids after the run's own; `run.recommend(users, items=ids)` ranks among
+given items only, `run.cold_items(split)` lists a cold-start run's held-out items and `run.item_features(ids)` their
+feature rows. Nothing on disk changes.
 """
 
 import dataclasses
@@ -39,6 +44,7 @@ from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
 from alignrec_jax.models import get_model
+from alignrec_jax.models import new_items
 from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
 from alignrec_jax.train import recommend as stage2
@@ -97,13 +103,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise RunError(f"{path}: not a readable config ({e})") from None
 
 
-def _interactions_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.data without its feature tables: what recommending from exported vectors needs."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  data.image_feat, data.text_feat, data.features_from = "", "", ""
-  return data
-
-
 def best_vectors(config: ml_collections.ConfigDict, workdir: str,
                  data: Optional[mmrec.RecData] = None) -> tuple[np.ndarray, np.ndarray, dict]:
   """(user_emb [U, d], item_emb [I, d], meta) of the best checkpoint in `workdir`, computed as the trainer's
@@ -127,6 +126,9 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
   user_emb, item_emb = parallel.get_replicated(
       representations(parallel.put_replicated(params, devices), parallel.put_replicated(inputs, devices)), devices)
   user_emb, item_emb = np.asarray(user_emb), np.asarray(item_emb)
+  cold_start = new_items.cold_start(model, data, config)
+  if cold_start is not None and item_emb.ndim == 2 and item_emb.shape[0] == data.n_items:
+    item_emb = cold_start(item_emb)  # the table evaluation scored with
   if (user_emb.ndim != 2 or item_emb.ndim != 2 or user_emb.shape[1] != item_emb.shape[1]
       or user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items):
     raise RunError(f"model {config.model.name!r} scores with something other than user x item dot products "
@@ -217,7 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "users": which,
         "shapes": {"user_emb": list(user_emb.shape), "item_emb": list(item_emb.shape),
                    "topk": [int(len(split.users)), min(k, data.n_items)], "topk_rows": n_rows},
-        "cold_items": None,  # no cold-start protocol yet: every exported item was trained on
+        "cold_items": ({name: [int(i) for i in items] for name, items in data.cold_items.items()}
+                       if data.cold_items else None),  # items held out of training (their rows: model.cold_start)
+        "cold_start": config.model.get("cold_start", "own"),
         "sha256": {name: _sha256(os.path.join(tmp, name)) for name in FILES},
         "config": json.loads(config.to_json_best_effort()),
     }
@@ -271,14 +275,22 @@ def _item_table_path(config: ml_collections.ConfigDict) -> str:
 
 
 class Run:
-  """A finished stage-2 run, ready to recommend: see `load_run`."""
+  """A finished stage-2 run, ready to recommend: see `load_run`. Items added with `add_items` get the ids after the
+  run's own and take part in `recommend` and `similar_items` like every other item."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, results: dict, data: mmrec.RecData,
-               user_emb: np.ndarray, item_emb: np.ndarray, items: Optional[dict]):
-    self.workdir, self.config, self.results, self.data = workdir, config, results, data
-    self.user_emb, self.item_emb = user_emb, item_emb
+               user_emb: np.ndarray, item_emb: np.ndarray, items: Optional[dict], slots: tuple = ()):
+    self.workdir, self.config, self.results = workdir, config, results
+    self.user_emb = user_emb
     self.best_epoch = int(results["best_epoch"])
     self._items = items
+    self._slots = tuple(slots)  # the model's content slots (models/new_items.py); () for an ID-only model
+    self._trained_emb = item_emb  # the run's own items: new items are attached to them only
+    self._rule = None
+    self._set_items(data, item_emb)
+
+  def _set_items(self, data: mmrec.RecData, item_emb: np.ndarray) -> None:
+    self.data, self.item_emb = data, item_emb
     norms = np.linalg.norm(item_emb, axis=1, keepdims=True)
     self._unit_items = item_emb / np.maximum(norms, 1e-12)
 
@@ -289,6 +301,65 @@ class Run:
   @property
   def n_items(self) -> int:
     return self.data.n_items
+
+  def cold_items(self, split: str = "test") -> np.ndarray:
+    """The item ids a cold-start protocol run held out of training for `split` ("valid"/"test" or
+    "valid_cold"/"test_cold"), sorted."""
+    name = split if split.endswith("_cold") else f"{split}_cold"
+    if not self.data.cold_items:
+      raise RunError(f"{self.workdir} was not trained with cold-start items (config.data.cold_items): it holds no "
+                     "cold items")
+    if name not in self.data.cold_items:
+      raise RunError(f"unknown cold split {split!r}: expected 'valid' or 'test'")
+    return np.asarray(self.data.cold_items[name], np.int32).copy()
+
+  def item_features(self, item_ids):
+    """The content feature rows of the items (the run's and added ones): [n, d] for a model with one content slot,
+    {slot: [n, d]} for several. RunError for an ID-only model."""
+    self._need_content("item_features")
+    items, _ = self._ids(item_ids, self.n_items, "item")
+    rows = {slot: np.asarray(self.data.features[slot])[items] for slot in self._slots}
+    return rows[self._slots[0]] if len(rows) == 1 else rows
+
+  def add_items(self, features=None, items: Optional[str] = None) -> np.ndarray:
+    """Adds new items scored by the neighbour rule (models/new_items.py) and returns their ids [n] (after every
+    existing id). Nothing on disk changes and the existing items' vectors stay as they are.
+
+    features: [n, d] rows in the run's feature slot (a model with several slots: {slot: [n, d_slot]}), each row
+      checked for width and finite values (RunError naming the row).
+    items: a file in the items.tsv layout, for runs whose features came from stage 1: not supported yet (RunError).
+    """
+    self._need_content("add_items")
+    if items is not None:
+      raise RunError("add_items(items=...) needs the run's stage-1 encoder to extract the new items' features, which "
+                     "this version does not do: extract them yourself and pass add_items(features=[n, d] array)")
+    if features is None:
+      raise RunError("add_items needs features=[n, d] (the new items' rows in the run's feature slot)")
+    tables = features if isinstance(features, dict) else {self._slots[0]: features}
+    if sorted(tables) != sorted(self._slots):
+      raise RunError(f"add_items: features for slots {sorted(tables)}, the run's model reads {list(self._slots)}")
+    checked, n_new = {}, None
+    for slot in self._slots:
+      table = _feature_rows(tables[slot], np.asarray(self.data.features[slot]).shape[1], slot)
+      if n_new is not None and len(table) != n_new:
+        raise RunError(f"add_items: slot {slot!r} has {len(table)} rows, another slot {n_new}")
+      checked[slot], n_new = table, len(table)
+    if self._rule is None:
+      trained = new_items.trained_items(self.data.train, self._trained_emb.shape[0])
+      rows = new_items.similarity_rows({s: np.asarray(self.data.features[s])[:len(trained)] for s in self._slots},
+                                       self._slots)
+      self._rule = new_items.NeighbourRule(np.flatnonzero(trained), rows[trained], int(self.config.model.knn_k))
+    vectors = self._rule.vectors(self._trained_emb, new_items.similarity_rows(checked, self._slots))
+    first = self.n_items
+    features = {s: np.concatenate([np.asarray(self.data.features[s]), checked[s]]) for s in self._slots}
+    self._set_items(dataclasses.replace(self.data, n_items=first + n_new, features=features),
+                    np.concatenate([self.item_emb, vectors]).astype(np.float32))
+    return np.arange(first, first + n_new, dtype=np.int32)
+
+  def _need_content(self, what: str) -> None:
+    if not self._slots:
+      raise RunError(f"{what}: model {self.config.model.name!r} scores items by their ID embedding alone, so it "
+                     "cannot score an item it was not trained on (use a content model: alignrec, vbpr, freedom, ...)")
 
   def _ids(self, ids, n: int, what: str) -> tuple[np.ndarray, bool]:
     scalar = np.ndim(ids) == 0
@@ -301,21 +372,35 @@ class Run:
       raise RunError(f"unknown {what} id {int(bad[0])}: this run's {what} ids are 0..{n - 1}")
     return arr.astype(np.int32), scalar
 
-  def recommend(self, user_ids, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  def recommend(self, user_ids, k: int = 10, exclude_seen: bool = True,
+                items=None) -> tuple[np.ndarray, np.ndarray]:
     """(item ids, scores) of the top k items of each user, ranked by the dot product as evaluation ranks them.
 
     user_ids: an int (-> arrays [k]) or a sequence (-> [n, k]). exclude_seen masks the user's train items (as
     evaluation does); a user with fewer than k unmasked items gets item id -1 and score -inf in the last places.
+    items: None (every item), or the item ids to rank among (e.g. the ids `add_items` returned, as the cold splits
+    rank only their own items).
     """
     users, scalar = self._ids(user_ids, self.n_users, "user")
-    k = self._k(k)
-    split = ranking.make_user_split(self.data, users, exclude_seen)
-    top = ranking.topk_items(self.user_emb, self.item_emb, split, k=k, batch_users=self.config.eval.batch_users)
-    scores = _scores(self.user_emb, self.item_emb, users, top)
+    data, item_emb, ids = self.data, self.item_emb, None
+    if items is not None:
+      ids = np.unique(self._ids(items, self.n_items, "item")[0])
+      position = np.full(self.n_items, -1, np.int64)
+      position[ids] = np.arange(len(ids))
+      train = self.data.train[position[self.data.train[:, 1]] >= 0]
+      train = np.stack([train[:, 0], position[train[:, 1]]], axis=1).astype(np.int32)
+      data = dataclasses.replace(self.data, n_items=len(ids), train=train, features={})
+      item_emb = self.item_emb[ids]
+    k = self._k(k, data.n_items)
+    split = ranking.make_user_split(data, users, exclude_seen)
+    top = ranking.topk_items(self.user_emb, item_emb, split, k=k, batch_users=self.config.eval.batch_users)
+    scores = _scores(self.user_emb, item_emb, users, top)
     if exclude_seen:
       masked = ranking.hits_matrix(top, dataclasses.replace(split, truth_indptr=split.mask_indptr,
                                                             truth_items=split.mask_items))
       top, scores = np.where(masked, -1, top), np.where(masked, -np.inf, scores).astype(np.float32)
+    if ids is not None:
+      top = np.where(top >= 0, ids[np.maximum(top, 0)], -1).astype(np.int32)
     return (top[0], scores[0]) if scalar else (top, scores)
 
   def similar_items(self, item_ids, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -353,6 +438,23 @@ class Run:
     return min(int(k), limit)
 
 
+def _feature_rows(table, width: int, slot: str) -> np.ndarray:
+  """`table` as [n, width] float32 rows, or RunError naming the first bad row."""
+  try:
+    table = np.asarray(table, np.float32)
+  except (TypeError, ValueError) as e:
+    raise RunError(f"add_items: the {slot} features are not a numeric array ({e})") from None
+  if table.ndim == 1 and table.shape[0] == width:
+    table = table[None]
+  if table.ndim != 2 or table.shape[1] != width or not len(table):
+    raise RunError(f"add_items: the {slot} features have shape {table.shape}; this run's rows are {width} wide "
+                   f"([n, {width}], n >= 1)")
+  bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+  if bad.size:
+    raise RunError(f"add_items: row {int(bad[0])} of the {slot} features holds NaN or Inf ({bad.size} such rows)")
+  return table
+
+
 def _exported(workdir: str, results: dict) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
   """(user_emb, item_emb, config) of export/ when it was written from results.json's best epoch, else None."""
   directory = os.path.join(workdir, EXPORT_DIR)
@@ -384,19 +486,20 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
     user_emb, item_emb, exported_config = exported
     if config is None:
       config = ml_collections.ConfigDict(_to_tuples(exported_config))
-    data = mmrec.load_dataset(_interactions_only(config))
+    data = bridge.load_dataset(config.data)
   else:
     config = config if config is not None else read_config(workdir)
     data = bridge.load_dataset(config.data)
     user_emb, item_emb, _ = best_vectors(config, workdir, data)
-    data = dataclasses.replace(data, features={})
+  slots = get_model(config.model.name)(config).content_slots(data)
+  data = dataclasses.replace(data, features={s: np.asarray(data.features[s], np.float32) for s in slots})
   if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:
     raise RunError(f"the vectors of {workdir} ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
                    f"its data ({data.n_users} users, {data.n_items} items)")
   table_path = _item_table_path(config)
   text_column = config.get("export", {}).get("item_text", "text")
   items = read_item_table(table_path, text_column, data.n_items) if table_path else None
-  return Run(workdir, config, results, data, user_emb, item_emb, items)
+  return Run(workdir, config, results, data, user_emb, item_emb, items, slots)
 
 
 def recall_from_topk(path: str, split: ranking.EvalSplit, k: int = 20) -> float:

@@ -2,6 +2,11 @@
 
   python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --user=42 --k=10
   python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --item=7 --k=10      # the items most like item 7
+  python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --add_items=new.npy --user=42 --k=10
+
+--add_items adds the rows of an [n, d] .npy feature file (the run's feature slot) as new items, ids after the run's
+own, scored by the neighbour rule (alignrec_jax/models/new_items.py); the list then ranks them with the rest.
+Nothing in the workdir changes.
 
 The list is ranked as evaluation ranks (the dot product of the best epoch's user and item vectors, the user's train
 items left out unless --show_seen); each line gives the rank, the item id, the score and the item's text when the
@@ -28,6 +33,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("item", None, "Item id (MMRec itemID): list the items whose vectors are most like its.")
   flags.DEFINE_integer("k", 10, "How many items to list.")
   flags.DEFINE_bool("show_seen", False, "Also rank the user's train items (evaluation leaves them out).")
+  flags.DEFINE_string("add_items", None, "An [n, d] .npy of new items' features in the run's feature slot: they are "
+                      "added (ids after the run's own) before ranking; the workdir is not changed.")
   flags.mark_flag_as_required("workdir")
 
 
@@ -48,6 +55,15 @@ def format_list(run, ids, scores, title: str) -> str:
   return "\n".join(lines)
 
 
+def _read_npy(path: str):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from alignrec_jax import export  # pylint: disable=g-import-not-at-top
+  try:
+    return np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise export.RunError(f"--add_items={path}: not a readable .npy array ({e})") from None
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -58,6 +74,9 @@ def main(argv) -> None:
   from alignrec_jax import export  # pylint: disable=g-import-not-at-top  (JAX: keeps --help fast)
   try:
     run = export.load_run(FLAGS.workdir)
+    if FLAGS.add_items:
+      new = run.add_items(features=_read_npy(FLAGS.add_items))
+      print(f"added {len(new)} new items from {FLAGS.add_items} as item ids {new[0]}..{new[-1]}")
     about = (f"{run.config.data.name}, model {run.config.model.name}, best epoch {run.best_epoch} "
              f"(valid {run.results.get('valid_metric', 'recall@20')} "
              f"{run.results['valid'].get(run.results.get('valid_metric', 'recall@20'), float('nan')):.4f})")
