@@ -356,6 +356,36 @@ class Run:
                     np.concatenate([self.item_emb, vectors]).astype(np.float32))
     return np.arange(first, first + n_new, dtype=np.int32)
 
+  def save_export(self) -> str:
+    """Writes the run's vectors with the added items into a new folder `<workdir>/export_added_<n_items>` beside
+    `export/` (the layout of export/, plus `new_items_<slot>.npy`, the added items' feature rows), atomically;
+    returns its path. export/ and the checkpoints are not touched."""
+    n_trained = self._trained_emb.shape[0]
+    if self.n_items == n_trained:
+      raise RunError("save_export: no items were added (add_items first); the run's own export is `export/`")
+    k = int(self.config.get("export", {}).get("k", 50))
+    split = ranking.make_user_split(self.data, np.arange(self.n_users), name="all")
+    top = ranking.topk_items(self.user_emb, self.item_emb, split, k=k, batch_users=self.config.eval.batch_users)
+    out_dir = os.path.join(self.workdir, f"{EXPORT_DIR}_added_{self.n_items}")
+    with atomic.atomic_dir(out_dir) as tmp:
+      np.save(os.path.join(tmp, "user_emb.npy"), self.user_emb)
+      np.save(os.path.join(tmp, "item_emb.npy"), self.item_emb)
+      n_rows = _write_topk(os.path.join(tmp, "topk.tsv"), split, top, self.user_emb, self.item_emb)
+      added = {}
+      for slot in self._slots:
+        added[slot] = f"new_items_{slot}.npy"
+        np.save(os.path.join(tmp, added[slot]), np.asarray(self.data.features[slot])[n_trained:])
+      atomic.write_json(os.path.join(tmp, "manifest.json"), {
+          "model": self.config.model.name, "dataset": self.config.data.name, "best_epoch": self.best_epoch,
+          "trained_items": n_trained, "added_items": [n_trained, self.n_items - 1], "added_features": added,
+          "added_by": "the neighbour rule (alignrec_jax/models/new_items.py)",
+          "score": "dot product of user_emb and item_emb rows", "k": min(k, self.n_items), "users": "all",
+          "shapes": {"user_emb": list(self.user_emb.shape), "item_emb": list(self.item_emb.shape),
+                     "topk": [int(len(split.users)), min(k, self.n_items)], "topk_rows": n_rows},
+          "sha256": {name: _sha256(os.path.join(tmp, name)) for name in FILES},
+          "config": json.loads(self.config.to_json_best_effort())})
+    return out_dir
+
   def _need_content(self, what: str) -> None:
     if not self._slots:
       raise RunError(f"{what}: model {self.config.model.name!r} scores items by their ID embedding alone, so it "

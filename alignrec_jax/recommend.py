@@ -6,7 +6,8 @@
 
 --add_items adds the rows of an [n, d] .npy feature file (the run's feature slot) as new items, ids after the run's
 own, scored by the neighbour rule (alignrec_jax/models/new_items.py); the list then ranks them with the rest.
-Nothing in the workdir changes.
+Nothing in the workdir changes, unless --save writes the vectors and top-k lists with the new items into a new
+folder <workdir>/export_added_<n_items>/ beside export/ (atomically; export/ stays as it is).
 
 The list is ranked as evaluation ranks (the dot product of the best epoch's user and item vectors, the user's train
 items left out unless --show_seen); each line gives the rank, the item id, the score and the item's text when the
@@ -35,6 +36,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("show_seen", False, "Also rank the user's train items (evaluation leaves them out).")
   flags.DEFINE_string("add_items", None, "An [n, d] .npy of new items' features in the run's feature slot: they are "
                       "added (ids after the run's own) before ranking; the workdir is not changed.")
+  flags.DEFINE_bool("save", False, "With --add_items: also write the run's vectors and top-k lists with the new items "
+                    "into <workdir>/export_added_<n_items>/ beside export/ (atomically).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -70,6 +73,8 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   if (FLAGS.user is None) == (FLAGS.item is None):
     sys.exit("error: give exactly one of --user=ID (recommendations) or --item=ID (similar items)")
+  if FLAGS.save and not FLAGS.add_items:
+    sys.exit("error: --save writes the run with the items of --add_items: give --add_items=FILE.npy")
   logging.set_verbosity(logging.WARNING)
   from alignrec_jax import export  # pylint: disable=g-import-not-at-top  (JAX: keeps --help fast)
   try:
@@ -77,6 +82,8 @@ def main(argv) -> None:
     if FLAGS.add_items:
       new = run.add_items(features=_read_npy(FLAGS.add_items))
       print(f"added {len(new)} new items from {FLAGS.add_items} as item ids {new[0]}..{new[-1]}")
+      if FLAGS.save:
+        print(f"wrote {run.save_export()}")
     about = (f"{run.config.data.name}, model {run.config.model.name}, best epoch {run.best_epoch} "
              f"(valid {run.results.get('valid_metric', 'recall@20')} "
              f"{run.results['valid'].get(run.results.get('valid_metric', 'recall@20'), float('nan')):.4f})")

@@ -1,8 +1,13 @@
-"""The config files: the paper's Amazon sets are one config parameterised after the colon."""
+"""The config files: the paper's Amazon sets are one config parameterised after the colon; the cold variants."""
 
 import pytest
 
+from alignrec_jax.train import checks
 from configs import amazon
+from configs import lfm2k
+from configs import lfm2k_cold
+from configs import ml100k_posters
+from configs import ml100k_posters_cold
 
 
 @pytest.mark.parametrize("name", ["baby", "sports", "elec"])
@@ -18,3 +23,11 @@ def test_amazon_config_reads_the_set_named_after_the_colon(name):
 def test_the_entry_commands_baby_config_is_amazon_baby():
   from configs import baby
   assert baby.get_config().to_dict() == amazon.get_config("baby").to_dict()
+
+
+def test_the_cold_configs_are_their_datasets_config_with_held_out_items_and_the_neighbour_rule():
+  for plain, cold in ((lfm2k, lfm2k_cold), (ml100k_posters, ml100k_posters_cold)):
+    expected = plain.get_config()
+    expected.data.cold_items, expected.model.cold_start = 0.2, "neighbours"
+    assert cold.get_config().to_dict() == expected.to_dict()
+    checks.check_stage2(cold.get_config())

@@ -157,6 +157,17 @@ def test_recommend_cli_adds_items_from_a_feature_file_without_touching_the_workd
   listed = [int(line.split()[1]) for line in lines[3:]]
   assert listed == [int(i) for i in ids if i >= 0] and set(new.tolist()) & set(listed)
   assert sorted(os.listdir(workdir)) == before
+  saved = _recommend_cli(f"--workdir={workdir}", f"--add_items={path}", "--user=3", "--save")
+  assert saved.returncode == 0, saved.stderr
+  folder = os.path.join(workdir, "export_added_50")
+  assert saved.stdout.splitlines()[1] == f"wrote {folder}"
+  assert sorted(os.listdir(workdir)) == sorted(before + ["export_added_50"])  # export/ and the rest untouched
+  np.testing.assert_allclose(np.load(os.path.join(folder, "item_emb.npy")), run.item_emb, atol=1e-6)
+  np.testing.assert_array_equal(np.load(os.path.join(folder, "new_items_image.npy")), np.load(path))
+  rows = np.loadtxt(os.path.join(folder, "topk.tsv"), delimiter="\t", skiprows=1, ndmin=2)
+  np.testing.assert_array_equal(rows[rows[:, 0] == 3][:, 2].astype(int)[:len(listed)], listed)
+  no_items = _recommend_cli(f"--workdir={workdir}", "--user=3", "--save")
+  assert no_items.returncode == 1 and "give --add_items" in no_items.stderr
   np.save(path, np.ones((1, 3)))
   bad = _recommend_cli(f"--workdir={workdir}", f"--add_items={path}", "--user=3")
   assert bad.returncode == 1 and bad.stderr.strip() == ("error: add_items: the image features have shape (1, 3); "
