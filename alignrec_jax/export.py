@@ -7,7 +7,8 @@
   items, scores = run.recommend([0, 1], k=10)         # [2, 10] item ids and scores, train items excluded
   run.item_text(int(items[0, 0]))                     # the item table's text ("Britney Spears" on lfm2k)
 
-The export stage restores the BEST checkpoint of a finished stage-2 run (the epoch selected on the valid metric,
+The export stage takes the config the run was trained with (only `EXPORT_FREE` settings from its command) and
+restores the BEST checkpoint of a finished stage-2 run (the epoch selected on the valid metric,
 whose test metrics results.json reports), computes the user and item vectors with the model's `representations`,
 the function evaluation scores with (score = dot product), and writes into `<workdir>/export/`:
 
@@ -23,8 +24,9 @@ The four files are written into a temporary folder that replaces `export/` only 
 docs/formats.md describes the formats. With model.cold_start='neighbours' the item vectors of items without train
 interactions are the neighbour rule's (models/new_items.py), as evaluation scored them.
 
-New items: `run.add_items(features=F)` ([n, d] rows in the run's feature slot) attaches them to the run's trained
-items by the neighbour rule and gives them the ids after the run's own; `run.recommend(users, items=ids)` ranks among
+New items: `run.add_items(features=F)` ([n, d] rows in the run's feature slot), or `run.add_items(items=FILE)` (the
+items.tsv layout, encoded by the run's stage-1 encoder) attaches them to the run's trained items by the neighbour
+rule and gives them the ids after the run's own; `run.recommend(users, items=ids)` ranks among
 given items only, `run.cold_items(split)` lists a cold-start run's held-out items and `run.item_features(ids)` their
 feature rows. Nothing on disk changes.
 """
@@ -48,7 +50,9 @@ from alignrec_jax.models import new_items
 from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
 from alignrec_jax.train import recommend as stage2
+from alignrec_jax.train import pretrain
 from alignrec_jax.train import state as state_lib
+from alignrec_jax.train import workdir as workdir_lib
 
 EXPORT_DIR = "export"
 FILES = ("user_emb.npy", "item_emb.npy", "topk.tsv")
@@ -103,6 +107,51 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise RunError(f"{path}: not a readable config ({e})") from None
 
 
+def trained_config(workdir: str) -> ml_collections.ConfigDict:
+  """The stage-2 config the run's checkpoints were trained with (`checkpoints/run_config.json`; for a
+  --config.stage=all run it points data.features_from at the workdir), else config.json (older runs)."""
+  path = os.path.join(workdir, "checkpoints", workdir_lib.CONFIG_NAME)
+  if not os.path.isfile(path):
+    config = read_config(workdir)
+    if config.stage == "all" and not config.data.features_from:
+      config.data.features_from = workdir  # as main.run trained it
+    return config
+  try:
+    with open(path, "r", encoding="utf-8") as f:
+      return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: not a readable config ({e})") from None
+
+
+# what an export may set otherwise than the run it exports: its own section and how the vectors are computed
+EXPORT_FREE = ("export", "eval.batch_users", "train.num_devices")
+
+
+def config_for_export(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The trained run's config with the export's own settings (`EXPORT_FREE`) from `config`; RunError naming the key
+  when `config` sets a data.* or model.* value other than the run was trained with (such an export would compute
+  other vectors than the checkpoint's under the checkpoint's name)."""
+  trained = trained_config(workdir)
+  given, stored = workdir_lib.resolved_config(config), workdir_lib.resolved_config(trained)
+  run_dir = os.path.abspath(os.path.expanduser(workdir))
+  for key in sorted(set(given) & set(stored)):
+    if not key.startswith(("data.", "model.")) or given[key] == stored[key]:
+      continue
+    if key.startswith("model.") and key.count(".") >= 2 and not key.startswith(f"model.{stored['model.name']}."):
+      continue  # another model's own section
+    if (key == "data.features_from" and not given[key]
+        and os.path.abspath(os.path.expanduser(str(stored[key]))) == run_dir):
+      continue  # a --config.stage=all run: its stage 2 read the workdir's own table
+    raise RunError(f"config.{key}={given[key]!r}: the run in {workdir} was trained with {stored[key]!r}; an export "
+                   f"takes only the settings {', '.join(EXPORT_FREE)} (drop the override, or train a new run)")
+  out = trained.copy_and_resolve_references()
+  with out.unlocked():
+    out.export = config.get("export", ml_collections.ConfigDict({"k": 50, "users": "all"}))
+    out.eval.batch_users = config.eval.batch_users
+    out.train.num_devices = config.train.num_devices
+  return out
+
+
 def best_vectors(config: ml_collections.ConfigDict, workdir: str,
                  data: Optional[mmrec.RecData] = None) -> tuple[np.ndarray, np.ndarray, dict]:
   """(user_emb [U, d], item_emb [I, d], meta) of the best checkpoint in `workdir`, computed as the trainer's
@@ -137,6 +186,13 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
 
 
 # ------------------------------------------------------------------------------------------------- the export stage
+
+
+def _check_best_epoch(meta: dict, results: dict, workdir: str) -> None:
+  if meta["best_epoch"] != results["best_epoch"]:
+    raise RunError(f"the checkpoints' best epoch ({meta['best_epoch']}) is not results.json's "
+                   f"({results['best_epoch']}): the run in {workdir} was continued and has not finished; rerun its "
+                   "training command first")
 
 
 def _sha256(path: str) -> str:
@@ -192,12 +248,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     raise RunError("the export stage runs in one process: start it without --num_processes / coordinator")
   results = finished_results(workdir)
+  config = config_for_export(config, workdir)
   data = bridge.load_dataset(config.data)
   user_emb, item_emb, meta = best_vectors(config, workdir, data)
-  if meta["best_epoch"] != results["best_epoch"]:
-    raise RunError(f"the checkpoints' best epoch ({meta['best_epoch']}) is not results.json's "
-                   f"({results['best_epoch']}): the run in {workdir} was continued and has not finished; rerun its "
-                   "training command first")
+  _check_best_epoch(meta, results, workdir)
   split = export_split(data, which)
   top = ranking.topk_items(user_emb, item_emb, split, k=k, batch_users=config.eval.batch_users)
   out_dir = os.path.join(workdir, EXPORT_DIR)
@@ -327,14 +381,17 @@ class Run:
 
     features: [n, d] rows in the run's feature slot (a model with several slots: {slot: [n, d_slot]}), each row
       checked for width and finite values (RunError naming the row).
-    items: a file in the items.tsv layout, for runs whose features came from stage 1: not supported yet (RunError).
+    items: a file in the items.tsv layout (itemID 0..n-1 numbering its rows, text, image path), for a run whose
+      features came from stage 1 (data.features_from): each row encoded by that workdir's encoder, tokenizer and
+      preprocessing, as its extraction did (`pretrain.encode_items`); `item_text` then gives the rows' texts.
     """
     self._need_content("add_items")
+    if (features is None) == (items is None):
+      raise RunError("add_items needs one of features=[n, d] (the new items' rows in the run's feature slot) or "
+                     "items=FILE (an items.tsv-layout file, for a run whose features came from stage 1)")
+    texts = None
     if items is not None:
-      raise RunError("add_items(items=...) needs the run's stage-1 encoder to extract the new items' features, which "
-                     "this version does not do: extract them yourself and pass add_items(features=[n, d] array)")
-    if features is None:
-      raise RunError("add_items needs features=[n, d] (the new items' rows in the run's feature slot)")
+      features, texts = self._encode(items)
     tables = features if isinstance(features, dict) else {self._slots[0]: features}
     if sorted(tables) != sorted(self._slots):
       raise RunError(f"add_items: features for slots {sorted(tables)}, the run's model reads {list(self._slots)}")
@@ -354,7 +411,27 @@ class Run:
     features = {s: np.concatenate([np.asarray(self.data.features[s]), checked[s]]) for s in self._slots}
     self._set_items(dataclasses.replace(self.data, n_items=first + n_new, features=features),
                     np.concatenate([self.item_emb, vectors]).astype(np.float32))
+    if texts is not None:
+      self._items = {**(self._items or {}), **{first + i: text for i, text in enumerate(texts)}}
     return np.arange(first, first + n_new, dtype=np.int32)
+
+  def _encode(self, items: str) -> tuple[dict, tuple]:
+    """({slot: [n, d]}, texts) of an items.tsv-layout file, from the stage-1 workdir the run's features came from."""
+    stage1 = os.path.expanduser(str(self.config.data.get("features_from", "")))
+    if not stage1:
+      raise RunError(f"add_items(items={items}): the features of {self.workdir} did not come from stage 1 "
+                     f"(data.features_from is empty; they are data.image_feat={self.config.data.image_feat!r}), so no "
+                     "encoder can compute new rows: pass add_items(features=[n, d] array)")
+    if self._slots != ("image",):
+      raise RunError(f"add_items(items={items}): model {self.config.model.name!r} also reads the slots "
+                     f"{[s for s in self._slots if s != 'image']}, which stage 1 does not compute: pass "
+                     "add_items(features={slot: [n, d]})")
+    try:
+      table, texts = pretrain.encode_items(stage1, os.path.expanduser(items),
+                                           self.config.data.get("features_variant", "full"))
+    except (ValueError, OSError) as e:  # DataError (a ValueError) names the file and line
+      raise RunError(f"add_items(items={items}): {e}") from None
+    return {"image": table}, texts
 
   def save_export(self) -> str:
     """Writes the run's vectors with the added items into a new folder `<workdir>/export_added_<n_items>` beside
@@ -505,22 +582,24 @@ def _exported(workdir: str, results: dict) -> Optional[tuple[np.ndarray, np.ndar
 def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """A finished stage-2 run of `workdir` for recommending from Python.
 
-  The vectors come from `<workdir>/export/` when it holds the best epoch's (then `config` defaults to the one the
-  export ran with, in its manifest), else from the best checkpoint, restored and computed as the export stage does
-  (`config` defaults to the workdir's config.json).
+  The vectors come from `<workdir>/export/` when it holds the best epoch's, else from the best checkpoint, restored
+  and computed as the export stage does (RunError when that is not results.json's best epoch). `config` defaults to
+  the one the run was trained with (`trained_config`; its export section from export/'s manifest).
   """
   workdir = os.path.expanduser(workdir)
   results = finished_results(workdir)
   exported = _exported(workdir, results)
+  if config is None:
+    config = trained_config(workdir)
+    if exported is not None and "export" in exported[2]:
+      with config.unlocked():
+        config.export = ml_collections.ConfigDict(_to_tuples(exported[2]["export"]))
+  data = bridge.load_dataset(config.data)
   if exported is not None:
-    user_emb, item_emb, exported_config = exported
-    if config is None:
-      config = ml_collections.ConfigDict(_to_tuples(exported_config))
-    data = bridge.load_dataset(config.data)
+    user_emb, item_emb, _ = exported
   else:
-    config = config if config is not None else read_config(workdir)
-    data = bridge.load_dataset(config.data)
-    user_emb, item_emb, _ = best_vectors(config, workdir, data)
+    user_emb, item_emb, meta = best_vectors(config, workdir, data)
+    _check_best_epoch(meta, results, workdir)
   slots = get_model(config.model.name)(config).content_slots(data)
   data = dataclasses.replace(data, features={s: np.asarray(data.features[s], np.float32) for s in slots})
   if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:

@@ -3,9 +3,12 @@
   python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --user=42 --k=10
   python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --item=7 --k=10      # the items most like item 7
   python -m alignrec_jax.recommend --workdir=/tmp/lfm2k --add_items=new.npy --user=42 --k=10
+  python -m alignrec_jax.recommend --workdir=/tmp/ml100k_posters --add_items=new_items.tsv --user=42 --k=10
 
---add_items adds the rows of an [n, d] .npy feature file (the run's feature slot) as new items, ids after the run's
-own, scored by the neighbour rule (alignrec_jax/models/new_items.py); the list then ranks them with the rest.
+--add_items adds new items, ids after the run's own, scored by the neighbour rule (alignrec_jax/models/new_items.py);
+the list then ranks them with the rest. FILE is the rows of an [n, d] .npy feature file (the run's feature slot) or,
+for a run whose features came from stage 1, a .tsv in the items.tsv layout (itemID, text, image), encoded by that
+stage-1 encoder as its extraction encoded the run's own items.
 Nothing in the workdir changes, unless --save writes the vectors and top-k lists with the new items into a new
 folder <workdir>/export_added_<n_items>/ beside export/ (atomically; export/ stays as it is).
 
@@ -34,8 +37,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("item", None, "Item id (MMRec itemID): list the items whose vectors are most like its.")
   flags.DEFINE_integer("k", 10, "How many items to list.")
   flags.DEFINE_bool("show_seen", False, "Also rank the user's train items (evaluation leaves them out).")
-  flags.DEFINE_string("add_items", None, "An [n, d] .npy of new items' features in the run's feature slot: they are "
-                      "added (ids after the run's own) before ranking; the workdir is not changed.")
+  flags.DEFINE_string("add_items", None, "New items, added (ids after the run's own) before ranking: an [n, d] .npy of "
+                      "their features in the run's feature slot, or a .tsv in the items.tsv layout for a run whose "
+                      "features came from stage 1; the workdir is not changed.")
   flags.DEFINE_bool("save", False, "With --add_items: also write the run's vectors and top-k lists with the new items "
                     "into <workdir>/export_added_<n_items>/ beside export/ (atomically).")
   flags.mark_flag_as_required("workdir")
@@ -74,13 +78,16 @@ def main(argv) -> None:
   if (FLAGS.user is None) == (FLAGS.item is None):
     sys.exit("error: give exactly one of --user=ID (recommendations) or --item=ID (similar items)")
   if FLAGS.save and not FLAGS.add_items:
-    sys.exit("error: --save writes the run with the items of --add_items: give --add_items=FILE.npy")
+    sys.exit("error: --save writes the run with the items of --add_items: give --add_items=FILE")
   logging.set_verbosity(logging.WARNING)
   from alignrec_jax import export  # pylint: disable=g-import-not-at-top  (JAX: keeps --help fast)
   try:
     run = export.load_run(FLAGS.workdir)
     if FLAGS.add_items:
-      new = run.add_items(features=_read_npy(FLAGS.add_items))
+      if FLAGS.add_items.endswith(".tsv"):
+        new = run.add_items(items=FLAGS.add_items)
+      else:
+        new = run.add_items(features=_read_npy(FLAGS.add_items))
       print(f"added {len(new)} new items from {FLAGS.add_items} as item ids {new[0]}..{new[-1]}")
       if FLAGS.save:
         print(f"wrote {run.save_export()}")

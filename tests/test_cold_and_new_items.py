@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from alignrec_jax import export
@@ -98,7 +99,7 @@ def test_id_only_models_and_bad_feature_rows_are_one_line_errors(tmp_path):
   bad[2, 1] = np.nan
   with pytest.raises(export.RunError, match="row 2 of the image features holds NaN or Inf"):
     run.add_items(features=bad)
-  with pytest.raises(export.RunError, match="stage-1 encoder"):
+  with pytest.raises(export.RunError, match="did not come from stage 1"):
     run.add_items(items="new_items.tsv")
   assert run.n_items == 40  # nothing was added by the failed calls
   with pytest.raises(export.RunError, match="was not trained with cold-start items"):
@@ -176,3 +177,87 @@ def test_recommend_cli_adds_items_from_a_feature_file_without_touching_the_workd
     f.write("not numpy")
   bad = _recommend_cli(f"--workdir={workdir}", f"--add_items={path}", "--user=3")
   assert bad.returncode == 1 and bad.stderr.strip().startswith(f"error: --add_items={path}: not a readable .npy")
+
+
+WORDS = ("red", "blue", "green", "round", "square", "small", "large", "bright")
+
+
+def _write_items(root, n_items=40):
+  """items.tsv for the tiny dataset: item i's colour and words follow its cluster (i % 4), as its interactions do."""
+  os.makedirs(root / "images", exist_ok=True)
+  rng = np.random.default_rng(1)
+  rows = ["itemID\ttext\timage"]
+  for i in range(n_items):
+    c = i % 4
+    colour = np.array([255 * (c % 2), 255 * (c // 2), 128], np.uint8)
+    Image.fromarray(np.clip(colour + rng.integers(0, 40, (12, 12, 3)), 0, 255).astype(np.uint8)).save(
+        root / "images" / f"{i}.png")
+    rows.append(f"{i}\t{WORDS[c]} {WORDS[c + 4]} item {i}\timages/{i}.png")
+  (root / "items.tsv").write_text("\n".join(rows) + "\n")
+  return rows[1:]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+  """A --config.stage=all run on the tiny dataset: stage 1 on items.tsv, stage 2 on its table (not on feat.npy)."""
+  tmp_path = tmp_path_factory.mktemp("two_stage")
+  root = tmp_path / "data"
+  write_dataset(root)
+  rows = _write_items(root)
+  config = tiny_config(root, epochs=2)
+  config.stage = "all"
+  pre = config.pretrain
+  pre.size, pre.image_size, pre.patch_size, pre.max_text_len = "tiny", 8, 4, 8
+  pre.batch_size, pre.steps, pre.warmup_steps, pre.vocab_size = 8, 4, 2, 40
+  pre.extract_batch_size = 16  # 40 items: the last batch is padded, as a few new items are
+  workdir = str(tmp_path / "run")
+  cli.run(config, workdir)
+  return config, workdir, rows
+
+
+def test_a_stage1_run_scores_new_items_from_their_text_and_image_as_its_extraction_did(two_stage_run, tmp_path):
+  config, workdir, rows = two_stage_run
+  table = bridge.load_feature_table(workdir, 40)
+  run = export.load_run(workdir)  # config.json says stage=all: stage 2 read the workdir's own table
+  np.testing.assert_array_equal(run.item_features(np.arange(40)), table)
+  picked = [5, 17, 38]
+  path = tmp_path / "new_items.tsv"
+  path.write_text("itemID\ttext\timage\n" + "".join(
+      f"{n}\t{rows[i].split(chr(9))[1]}\t{config.data.root}/images/{i}.png\n" for n, i in enumerate(picked)))
+  new = run.add_items(items=str(path))
+  np.testing.assert_array_equal(new, [40, 41, 42])
+  np.testing.assert_allclose(run.item_features(new), table[picked], atol=1e-5)  # = the extraction's rows
+  reference = export.load_run(workdir)
+  expected = reference.add_items(features=table[picked])
+  np.testing.assert_allclose(run.item_emb[new], reference.item_emb[expected], atol=1e-5)
+  assert run.item_text(41) == rows[17].split("\t")[1] and run.item_text(3) == rows[3].split("\t")[1]
+  ids, _ = run.recommend(1, k=43, exclude_seen=False)
+  assert set(new.tolist()) <= set(ids.tolist())
+  cli_run = _recommend_cli(f"--workdir={workdir}", f"--add_items={path}", "--user=1", "--k=43", "--show_seen")
+  assert cli_run.returncode == 0, cli_run.stderr
+  assert cli_run.stdout.splitlines()[0] == f"added 3 new items from {path} as item ids 40..42"
+  assert [int(line.split()[1]) for line in cli_run.stdout.splitlines()[3:]] == ids.tolist()
+
+  # a row whose image does not decode, and a run whose features were not stage 1's, are one-line errors
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  path.write_text(f"itemID\ttext\timage\n0\tred item\t{config.data.root}/images/0.png\n1\tblue\tbroken.png\n")
+  with pytest.raises(export.RunError, match=r"new_items.tsv, line 3: cannot decode image .*broken.png"):
+    run.add_items(items=str(path))
+  assert run.n_items == 43
+  with pytest.raises(export.RunError, match="needs one of features"):
+    run.add_items()
+
+
+def test_the_export_stage_takes_only_export_settings_from_its_command(two_stage_run):
+  config, workdir, _ = two_stage_run
+  command = config.copy_and_resolve_references()
+  command.stage, command.export.k = "export", 7  # the config file's data.features_from is '' for stage=all
+  cli.run(command, workdir)
+  manifest = export.load_run(workdir).config
+  assert manifest.data.features_from == workdir and manifest.export.k == 7
+  for key, value in (("model.knn_k", 2), ("data.root", "/elsewhere")):
+    changed = command.copy_and_resolve_references()
+    section, name = key.split(".")
+    changed[section][name] = value
+    with pytest.raises(export.RunError, match=rf"config.{key}={value!r}: the run in .* was trained with"):
+      cli.run(changed, workdir)

@@ -105,10 +105,12 @@ def test_a_user_with_fewer_unseen_items_than_k_gets_only_unseen_items(tmp_path):
     assert sorted(items[users == u]) == sorted(set(range(40)) - {i for v, i in train if v == u})
   config.model.embedding_size = 16  # not the trained model: a clear error, the export in place untouched
   before = open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read()
-  with pytest.raises(export.RunError,
-                     match="another model or feature width.*export with the config the run was trained with"):
+  with pytest.raises(export.RunError, match=r"config.model.embedding_size=16: the run in .* was trained with 8"):
     cli.run(config, workdir)
   assert open(os.path.join(workdir, "export", "manifest.json"), encoding="utf-8").read() == before
+  with pytest.raises(export.RunError,  # a config given to load_run is taken as it is: the checkpoint refuses it
+                     match="another model or feature width.*export with the config the run was trained with"):
+    export.best_vectors(config, workdir)
 
 
 def test_export_of_a_resumed_run_equals_export_of_an_uninterrupted_one(tmp_path):
@@ -255,3 +257,14 @@ def test_lfm2k_export_reproduces_test_recall_and_names_ten_artists(tmp_path):
   for line in lines:
     item = int(line.split()[1])
     assert names[item] and line.endswith(" ".join(names[item].split()))
+
+
+def test_load_run_refuses_checkpoint_vectors_of_another_epoch_than_results_json_names(tmp_path):
+  _, workdir, results = _train(tmp_path, epochs=2)
+  path = os.path.join(workdir, "results.json")
+  edited = dict(results, best_epoch=results["best_epoch"] + 5)  # results.json no longer names the best checkpoint
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(edited, f)
+  with pytest.raises(export.RunError, match=rf"best epoch \({results['best_epoch']}\) is not results.json's "
+                                            rf"\({results['best_epoch'] + 5}\)"):
+    export.load_run(workdir)

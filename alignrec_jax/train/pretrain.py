@@ -13,6 +13,9 @@
 `extract(config, workdir)`: the latest checkpoint's encoder over every item -> the visual-[CLS] table
   `[n_items, hidden]` and the variants mask_image (every patch masked) and mask_text (every word masked), written by
   `bridge.save_feature_table`; skipped when the workdir already holds the table of that checkpoint.
+
+`encode_items(workdir, path, variant)`: the same features of other items (an items.tsv-layout file: new items), from
+  the encoder, tokenizer and preprocessing that made the workdir's table; what `Run.add_items(items=...)` reads.
 """
 
 import functools
@@ -24,6 +27,7 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -267,7 +271,7 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
 
 
 def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens: np.ndarray,
-                     tokenizer: content.Tokenizer, batch_size: int) -> dict:
+                     tokenizer: content.Tokenizer, batch_size: int, variants=bridge.VARIANTS) -> dict:
   """{variant: [n_items, hidden] float32} visual-[CLS] features of every item, in fixed-size jitted batches."""
   special_ids = tokenizer.special_ids
 
@@ -276,14 +280,14 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
     x = mmenc.normalize_images(images)
     b = tokens.shape[0]
     no_mask = jnp.zeros((b, model.n_patches), bool)
-    words = ica.word_positions(tokens, special_ids)
     feats = lambda t, m: model.apply({"params": params}, x, t, m, method=model.features)
-    return {"full": feats(tokens, no_mask),
-            "mask_image": feats(tokens, jnp.ones_like(no_mask)),
-            "mask_text": feats(jnp.where(words, tokenizer.mask_id, tokens), no_mask)}
+    inputs = {"full": lambda: (tokens, no_mask), "mask_image": lambda: (tokens, jnp.ones_like(no_mask)),
+              "mask_text": lambda: (jnp.where(ica.word_positions(tokens, special_ids), tokenizer.mask_id, tokens),
+                                    no_mask)}
+    return {v: feats(*inputs[v]()) for v in variants}
 
   n = len(tokens)
-  out = {k: [] for k in bridge.VARIANTS}
+  out = {k: [] for k in variants}
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)  # fixed shapes: one compilation
@@ -328,3 +332,33 @@ def _extract(config, workdir: str) -> dict:
   logging.info("extract: %d items x %d variants -> %s (%d-d, %.1f item-encodings/s, pre-training step %d)",
                n_items, len(tables), bridge.features_dir(workdir), info["dim"], info["items_per_s"], step)
   return info
+
+
+def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.ndarray, tuple]:
+  """(features [n, hidden] float32, texts) of the items of `path` (the items.tsv layout, itemIDs 0..n-1 in the
+  order of the returned rows) as `extract` computed the feature table of the stage-1 `workdir`: the checkpoint and
+  tokenizer that table was extracted with, its image size and text length. DataError (one line naming the file and
+  line) for a bad row or an image that does not decode; ValueError when the workdir no longer holds that encoder."""
+  config_path = os.path.join(os.path.abspath(workdir), "pretrain", workdir_lib.CONFIG_NAME)
+  meta_path = os.path.join(workdir, _FEATURES_META)
+  if not os.path.isfile(config_path) or not os.path.isfile(meta_path):
+    raise ValueError(f"{workdir} holds no stage-1 encoder with an extracted table ({config_path} or {meta_path} is "
+                     "missing)")
+  with open(config_path, "r", encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(meta_path, "r", encoding="utf-8") as f:
+    extracted = json.load(f)
+  tokenizer = content.Tokenizer.load(os.path.join(workdir, content.TOKENIZER_FILE))
+  if tokenizer.fingerprint() != extracted.get("tokenizer"):
+    raise ValueError(f"{workdir}: its tokenizer is not the one its feature table was extracted with")
+  model, params, step = load_pretrained(config, workdir, tokenizer)
+  if step != extracted.get("pretrain_step"):
+    raise ValueError(f"{workdir}: its latest stage-1 checkpoint is step {step}, its feature table was extracted at "
+                     f"step {extracted.get('pretrain_step')}: the encoder that made the run's features is gone")
+  table = content.read_items(path)
+  pre = config.pretrain
+  images = np.stack([content.load_image(image, pre.image_size, f"{path}, line {line}")
+                     for image, line in zip(table.image_paths, table.line_numbers)])
+  tokens = np.stack([tokenizer.encode(text, pre.max_text_len) for text in table.texts])
+  features = extract_features(model, params, images, tokens, tokenizer, pre.extract_batch_size, (variant,))
+  return features[variant], table.texts
