@@ -6,7 +6,7 @@ Where things live:
   models/      the three AlignRec modules: mmenc.py (MMEnc), aggregator.py, fuser.py; alignrec.py composes them
   losses/      one file per alignment: ica.py (stage 1), cca.py and uia.py (stage 2)
   graph.py     graph construction and the one propagation function (segment_sum)
-  train/       loop.py (the one training loop), pretrain.py (stage 1), recommend.py (stage 2), state.py
+  train/       loop.py (the one training loop), pretrain.py (stage 1), stage2.py (stage 2), state.py
                (checkpoints), parallel.py (pmap)
   eval/        ranking.py (MMRec-exact full ranking), evaluators.py (config.evals), probes.py (the paper's
                intermediate evaluations)

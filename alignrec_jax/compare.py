@@ -4,7 +4,7 @@
       --models=alignrec,lightgcn,vbpr,bm3,freedom,mgcn --seeds=3 --workdir=/tmp/compare_lfm2k
   python -m alignrec_jax.compare --config=configs/lfm2k.py --models=lightgcn --grid --workdir=/tmp/grid_lfm2k
 
-Each run is `alignrec_jax.train.recommend.run` with config.model.name = <model> and config.seed = <seed> (seeds
+Each run is `alignrec_jax.train.stage2.run` with config.model.name = <model> and config.seed = <seed> (seeds
 config.seed, config.seed + 1, ...), in <workdir>/<model>/seed<seed>/ (its results.json, checkpoints and the
 compare_run.json naming its model, seed and overrides). A run whose results.json exists is not trained again; an
 interrupted one resumes from its checkpoint. --config.* overrides apply to every model (a model's own
@@ -48,7 +48,7 @@ from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.models import get_model
 from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
-from alignrec_jax.train import recommend
+from alignrec_jax.train import stage2
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 COLD_TABLE_METRICS = ("recall@20", "ndcg@20")  # cold-start columns, after the warm ones
@@ -147,7 +147,7 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       logging.info("%s seed %d: results already in %s", model_name, seed, results_path)
       return json.load(f)
   logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
-  return recommend.run(run_config, workdir)
+  return stage2.run(run_config, workdir)
 
 
 def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str,

@@ -49,7 +49,7 @@ from alignrec_jax.models import get_model
 from alignrec_jax.models import new_items
 from alignrec_jax.train import bridge
 from alignrec_jax.train import parallel
-from alignrec_jax.train import recommend as stage2
+from alignrec_jax.train import stage2
 from alignrec_jax.train import pretrain
 from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
@@ -238,7 +238,15 @@ def export_split(data: mmrec.RecData, which: str) -> ranking.EvalSplit:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The export stage: writes <workdir>/export/ from the best checkpoint; returns the manifest."""
+  """The export stage: writes <workdir>/export/ from the best checkpoint; returns the manifest. Holds the workdir's
+  lock (not while a run trains in it); writes nothing else (config.json stays the run's)."""
+  if not os.path.isdir(workdir):
+    raise RunError(f"workdir not found: {workdir}")
+  with workdir_lib.locked(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   export_config = config.get("export", ml_collections.ConfigDict({"k": 50, "users": "all"}))
   k, which = int(export_config.k), str(export_config.users)
   if k < 1:

@@ -31,14 +31,13 @@ import jax
 from ml_collections import config_flags
 
 from alignrec_jax import export
-from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.data.mmrec import DataError
-from alignrec_jax.eval import probes
 from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
 from alignrec_jax.train import pretrain
-from alignrec_jax.train import recommend
+from alignrec_jax.train import probe
+from alignrec_jax.train import stage2
 from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
 
@@ -89,58 +88,41 @@ def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "ma
   return "\n".join(lines)
 
 
-def _check_workdir(workdir: str) -> None:
-  """A workdir that is a file, or a folder this user cannot write, fails here in one line, before anything runs."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise workdir_lib.WorkdirError(f"--workdir={workdir} is a file, not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise workdir_lib.WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise workdir_lib.WorkdirError(f"--workdir={workdir} is not writable by this user")
+def _all(config, workdir: str) -> dict:
+  """Stage 1 (pretrain, extract), then stage 2 on the extracted table. Both stages' checks and records come first,
+  so that a stage-2 setting that cannot work, or that differs from the workdir's checkpoints, fails before stage 1
+  spends its hours."""
+  checks.check_stage1(config)
+  stage2_config = stage2.after_stage1(config, workdir)
+  checks.check_stage2(stage2_config)
+  records = [(config, pretrain.checkpoint_dir(workdir), 1), (stage2_config, stage2.checkpoint_dir(workdir), 2)]
+  with workdir_lib.claimed(config, workdir, records, distributed.is_main_process()):
+    pretrain.pretrain(config, workdir)
+    pretrain.extract(config, workdir)
+    return stage2.run(stage2_config, workdir)
+
+
+# config.stage -> (the function that runs it, whether it writes <workdir>/results.json); each function checks the keys
+# it reads and claims the workdir (train/workdir.py) before any data loads
+STAGES = {
+    "pretrain": (pretrain.pretrain, False),
+    "extract": (pretrain.extract, False),
+    "train": (stage2.run, True),
+    "all": (_all, True),
+    "probe": (probe.run, True),
+    "export": (export.run, False),  # writes <workdir>/export/; results.json stays the trained run's
+}
 
 
 def run(config, workdir: str) -> dict:
-  """Runs `config.stage` in `workdir` and returns the results dict (also in <workdir>/results.json).
-
-  Every config value is checked and the workdir locked (train/workdir.py) before any data loads; `config.json` is
-  written only once the run is known to own the workdir with these settings."""
-  checks.check_config(config)
-  if config.stage == "probe":
-    probes.check_config(config)
-  if config.stage == "export":  # reads a finished run, writes only <workdir>/export/ (config.json stays the run's)
-    if not os.path.isdir(workdir):
-      raise export.RunError(f"workdir not found: {workdir}")
-    _initialise_jax(config)
-    with workdir_lib.locked(workdir):  # not while a run trains in it
-      export.run(config, workdir)
-    return {}
-  _check_workdir(workdir)
+  """Runs `config.stage` in `workdir`; returns its results dict (also in <workdir>/results.json), {} for a stage that
+  writes none."""
+  if config.stage not in STAGES:
+    raise checks.ConfigError(f"config.stage={config.stage!r} is not one of {tuple(STAGES)}")
   _initialise_jax(config)
-  main_process = jax.process_index() == 0
-  with workdir_lib.locked(workdir, main_process):
-    stage2 = config
-    if config.stage == "all":
-      stage2 = config.copy_and_resolve_references()
-      stage2.data.features_from = workdir  # stage 2 trains on what stage 1 writes here
-    if config.stage in ("pretrain", "all"):
-      workdir_lib.check_or_record(config, os.path.join(os.path.abspath(workdir), "pretrain"), 1, main_process)
-    if config.stage in ("train", "all"):
-      workdir_lib.check_or_record(stage2, os.path.join(workdir, "checkpoints"), 2, main_process)
-    if main_process:
-      atomic.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-    if config.stage in ("pretrain", "extract", "all"):
-      if config.stage in ("pretrain", "all"):
-        pretrain.pretrain(config, workdir)
-      if config.stage in ("extract", "all"):
-        pretrain.extract(config, workdir)
-      if config.stage != "all":
-        return {}
-    if config.stage == "probe":
-      return probes.run(config, workdir)
-    return recommend.run(stage2, workdir)
+  stage, writes_results = STAGES[config.stage]
+  results = stage(config, workdir)
+  return results if writes_results else {}
 
 
 def _config_arg(argv) -> tuple[str, str]:

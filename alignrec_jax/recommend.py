@@ -16,7 +16,7 @@ The list is ranked as evaluation ranks (the dot product of the best epoch's user
 items left out unless --show_seen); each line gives the rank, the item id, the score and the item's text when the
 data has an item table (config.export.item_table; lfm2k: the artist's name). The vectors come from the workdir's
 export/ (the export stage) or, when there is none, from its best checkpoint. This is the command-line face of
-`alignrec_jax.export.load_run` (not to be confused with alignrec_jax/train/recommend.py, the stage-2 trainer).
+`alignrec_jax.export.load_run` (not to be confused with alignrec_jax/train/stage2.py, the stage-2 trainer).
 """
 
 import sys

@@ -1,5 +1,5 @@
 """New items in a trained run (Run.add_items) and the inductive cold-start protocol, end to end on the tiny
-synthetic dataset of tests/train/test_recommend.py: a held-out item of an inductive run is scored exactly as the same
+synthetic dataset of tests.train.test_stage2.py: a held-out item of an inductive run is scored exactly as the same
 item added after training, and the cold split's metric recomputed from `recommend` equals results.json's."""
 
 import os
@@ -16,11 +16,11 @@ from alignrec_jax import main as cli
 from alignrec_jax.models import get_model
 from alignrec_jax.train import bridge
 from alignrec_jax.train import checks
-from alignrec_jax.train import recommend as stage2
+from alignrec_jax.train import stage2
 from alignrec_jax.train import state as state_lib
 from tests.conftest import REPO_ROOT
-from tests.train.test_recommend import tiny_config
-from tests.train.test_recommend import write_dataset
+from tests.train.test_stage2 import tiny_config
+from tests.train.test_stage2 import write_dataset
 
 
 def _cold_run(tmp_path, name, cold_start="neighbours", inductive=True, model="alignrec", epochs=3):

@@ -13,7 +13,7 @@ import pytest
 
 from alignrec_jax.train import distributed
 from tests.train.test_pretrain import _items as write_items
-from tests.train.test_recommend import write_dataset
+from tests.train.test_stage2 import write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "train", "tiny_config.py")

@@ -1,7 +1,7 @@
 """The export stage and `load_run`: files consistent with results.json, train items never exported, a resumed run
 exports what an uninterrupted one does, the Python API and the recommend CLI (one-line errors).
 
-Runs train on the tiny synthetic dataset of tests/train/test_recommend.py in tmp_path.
+Runs train on the tiny synthetic dataset of tests.train.test_stage2.py in tmp_path.
 """
 
 import hashlib
@@ -20,8 +20,8 @@ from alignrec_jax.eval import ranking
 from alignrec_jax.models import registered
 from tests.conftest import REPO_ROOT
 from tests.conftest import shared_data_dir
-from tests.train.test_recommend import tiny_config
-from tests.train.test_recommend import write_dataset
+from tests.train.test_stage2 import tiny_config
+from tests.train.test_stage2 import write_dataset
 
 
 def _train(tmp_path, name="run", epochs=3, model="alignrec", keep_checkpoints=1, **export_keys):

@@ -123,7 +123,7 @@ def test_a_second_process_on_a_busy_workdir_fails_at_once(tmp_path):
 
 
 def test_a_diverged_run_exits_1_and_outputs_are_group_readable(tmp_path):
-  from tests.train.test_recommend import write_dataset
+  from tests.train.test_stage2 import write_dataset
   root = write_dataset(tmp_path / "data")
   proc = _tiny(tmp_path / "run", f"--config.data.root={root}", "--config.optim.lr=1e6")
   assert "error: the run diverged: epoch 0's mean loss" in _one_error_line(proc)

@@ -1,13 +1,5 @@
-"""The paper's intermediate evaluations of item feature tables (`--config.stage=probe`), docs/method.md §9.
-
-  python -m alignrec_jax.main --config=configs/lfm2k.py --workdir=/tmp/probe_lfm2k --config.stage=probe \
-    --config.probe.features="('all-MiniLM-L6-v2.npy','whisper.npy','vggish.npy','random:384')"
-
-Each entry of `config.probe.features` is one feature table, optionally named as `name=spec`:
-  * a `.npy` file (absolute, or relative to the working directory or to `config.data.root`), row i = itemID i;
-  * a stage-1 workdir (its orbax feature checkpoint, via train/bridge.py; the mask variants come with it);
-  * `random:<d>`: Gaussian features of width d drawn from `config.seed` (the "no information" reference).
-An empty list probes the features that `config.data` itself loads (`data.features_from`, else the feature slots).
+"""The maths of the paper's intermediate evaluations of item feature tables, docs/method.md §9; the probe stage that
+runs them (`--config.stage=probe`, feature specs, mask-modality training, results.json) is train/probe.py.
 
 Metric classes (`config.probe.classes`), all evaluated with the MMRec full-ranking protocol of eval/ranking.py:
   zero_shot      no training: a user is the mean of the raw features of their train items, items are ranked by
@@ -16,18 +8,10 @@ Metric classes (`config.probe.classes`), all evaluated with the MMRec full-ranki
                  top-k entries of each row (self included), score(u, .) = R_u S^k. S^k is built in item blocks,
                  scores in user blocks by scatter-adding neighbour rows, so no n_items x n_items or n_users x n_items
                  matrix exists. Exact score ties (items no train item has as a neighbour) rank by item id.
-  mask_modality  stage 2 (train/recommend.py, with `config.train` as given) on the unmasked table and on tables whose
+  mask_modality  stage 2 (train/stage2.py, with `config.train` as given) on the unmasked table and on tables whose
                  masked items (the first round(mask_ratio * n_items) of a seeded permutation, saved as
                  `<workdir>/mask_items.npy` and reused; `probe.mask_items` reuses another run's file) take the rows
                  of the stage-1 mask_image / mask_text extraction, or are zeroed for a plain `.npy` table.
-
-`<workdir>/results.json`:
-  {"probe": {feature: {"zero_shot": {"valid": {...}, "test": {...}}, "item_cf": {...},
-                       "mask_modality": {"unmasked": {"valid", "test", "best_epoch"}, "zeroed" | "mask_image" |
-                                         "mask_text": {...}}}},
-   "probe_reference": {"popularity": {"valid": {...}, "test": {...}}},
-   "features": {feature: {"source": str, "dim": int}}, "mask_items": path or absent, "seconds": {...}}
-With `config.eval.popularity_groups` set, every valid/test dict also holds {"groups": {group: {metric: value}}}.
 """
 
 import copy
@@ -46,60 +30,10 @@ import numpy as np
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import ranking
-from alignrec_jax.train import bridge
-from alignrec_jax.train import recommend
 
 CLASSES = ("zero_shot", "item_cf", "mask_modality")
 _EPS = 1e-12
 _MAX_BLOCK_ELEMENTS = 1 << 24  # rows x n_items per jitted block (64 MB of float32)
-
-
-# --------------------------------------------------------------------------------------------------- feature specs
-
-
-def parse_feature_spec(entry: str) -> tuple[str, str]:
-  """'name=spec' -> (name, spec); a bare spec is named after its file or folder ('random:384' -> 'random384')."""
-  entry = entry.strip()
-  if "=" in entry:
-    name, spec = (s.strip() for s in entry.split("=", 1))
-  else:
-    spec = entry
-    if spec.startswith("random:"):
-      name = "random" + spec.split(":", 1)[1]
-    else:
-      base = os.path.basename(os.path.normpath(spec))
-      name = base[:-4] if base.endswith(".npy") else base
-  if not name or not spec:
-    raise ValueError(f"config.probe.features entry {entry!r}: expected 'spec' or 'name=spec'")
-  return name, spec
-
-
-def load_feature_spec(spec: str, n_items: int, data_root: str, seed: int) -> dict[str, np.ndarray]:
-  """The tables of one spec: {"full": [n_items, d]} plus "mask_image"/"mask_text" for a stage-1 workdir."""
-  if spec.startswith("random:"):
-    try:
-      dim = int(spec.split(":", 1)[1])
-    except ValueError:
-      dim = 0
-    if dim < 1:
-      raise ValueError(f"config.probe.features entry {spec!r}: expected random:<width>, e.g. random:384")
-    rng = np.random.default_rng([seed, dim])
-    return {"full": rng.standard_normal((n_items, dim)).astype(np.float32)}
-  path = os.path.expanduser(spec)
-  if not os.path.isabs(path) and not os.path.exists(path) and data_root:
-    path = os.path.join(os.path.expanduser(data_root), path)
-  if os.path.isdir(path):
-    tables = {"full": bridge.load_feature_table(path, n_items, "full")}
-    for variant in ("mask_image", "mask_text"):
-      try:
-        tables[variant] = bridge.load_feature_table(path, n_items, variant)
-      except mmrec.DataError as e:
-        logging.warning("%s: no %s table (%s); mask-modality will only zero rows", path, variant, e)
-    return tables
-  if not path.endswith(".npy") and not os.path.exists(path):
-    raise mmrec.DataError(f"config.probe.features entry {spec!r}: neither a .npy file nor a stage-1 workdir "
-                          f"(looked for {path})")
-  return {"full": mmrec.load_features(path, n_items)}
 
 
 # --------------------------------------------------------------------------------------------------- zero-shot
@@ -244,23 +178,7 @@ def masked_tables(tables: Mapping[str, np.ndarray], masked: np.ndarray) -> dict[
   return out
 
 
-def _stage2(config, workdir: str, feature_path: str) -> dict:
-  """Trains stage 2 on one feature file in its own workdir (resumable) and returns its best valid/test metrics."""
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.stage = "train"
-    cfg.data.synthetic = False  # the probe already generated/loaded the data
-    cfg.data.features_from = ""
-    cfg.data.image_feat = os.path.abspath(feature_path)
-    cfg.data.text_feat = ""
-  result = recommend.run(cfg, workdir)
-  return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
-          "workdir": os.path.abspath(workdir)}
-
-
-# --------------------------------------------------------------------------------------------------- driver
-
-def _evaluate_topk(topk_ids: np.ndarray, split: ranking.EvalSplit, ev, item_groups) -> dict:
+def evaluate_topk(topk_ids: np.ndarray, split: ranking.EvalSplit, ev, item_groups) -> dict:
   return ranking.metrics_from_topk(topk_ids, split, tuple(ev.topk), tuple(ev.metrics), item_groups=item_groups)
 
 
@@ -274,7 +192,7 @@ def probe_features(features: np.ndarray, data: mmrec.RecData, splits: Mapping[st
   if "zero_shot" in classes:
     user_emb, item_emb = zero_shot_embeddings(features, data)
     out["zero_shot"] = {
-        name: _evaluate_topk(ranking.topk_items(user_emb, item_emb, split, k, ev.batch_users), split, ev,
+        name: evaluate_topk(ranking.topk_items(user_emb, item_emb, split, k, ev.batch_users), split, ev,
                              item_groups)
         for name, split in splits.items()}
   if "item_cf" in classes:
@@ -282,97 +200,9 @@ def probe_features(features: np.ndarray, data: mmrec.RecData, splits: Mapping[st
     out["item_cf"] = {}
     for name, split in splits.items():
       history = ranking.make_user_split(data, split.users)  # the train items, whatever else the split masks
-      out["item_cf"][name] = _evaluate_topk(item_cf_topk(knn, split, k, ev.batch_users, history), split, ev,
+      out["item_cf"][name] = evaluate_topk(item_cf_topk(knn, split, k, ev.batch_users, history), split, ev,
                                             item_groups)
   return out
-
-
-def check_config(config) -> None:
-  """The probe section of `config` (main.py calls it before the workdir is touched)."""
-  unknown = sorted(set(config.probe.classes) - set(CLASSES))
-  if unknown or not config.probe.classes:
-    raise ValueError(f"config.probe.classes={tuple(config.probe.classes)}: expected a non-empty subset of {CLASSES}")
-  if config.probe.item_cf_k < 1 or config.probe.item_cf_shrink < 0:
-    raise ValueError(f"config.probe.item_cf_k={config.probe.item_cf_k} must be >= 1 and item_cf_shrink="
-                     f"{config.probe.item_cf_shrink} >= 0")
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Probes every table of `config.probe.features` (see the module docstring); writes <workdir>/results.json."""
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  probe_cfg, ev = config.probe, config.eval
-  specs = [parse_feature_spec(e) for e in probe_cfg.features]
-  if not specs and config.data.get("features_from", ""):  # a stage-1 workdir: with its mask variants
-    specs = [parse_feature_spec(config.data.features_from)]
-  names = [n for n, _ in specs]
-  if len(set(names)) != len(names):
-    raise ValueError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
-
-  data_cfg = copy.deepcopy(config.data)
-  if specs:  # the probed tables replace the dataset's own features: do not require those
-    with data_cfg.unlocked():
-      data_cfg.image_feat, data_cfg.text_feat, data_cfg.features_from = "", "", ""
-  data = bridge.load_dataset(data_cfg)
-  logging.info("probe on %s", data.summary())
-  # with cold-start items: the cold splits too, each ranked over its candidates (masking the other items)
-  splits = {name: ranking.over_all_items(data, ranking.make_eval_split(data, name))
-            for name in data.held_out_splits()}
-  item_groups = ranking.popularity_groups(data, tuple(ev.popularity_groups)) if ev.popularity_groups else None
-
-  tables, sources = {}, {}
-  if specs:
-    for name, spec in specs:
-      tables[name] = load_feature_spec(spec, data.n_items, config.data.root, config.seed)
-      sources[name] = spec
-  else:
-    if not data.features:
-      raise ValueError("nothing to probe: config.probe.features is empty and config.data loads no features")
-    for slot, table in data.features.items():
-      tables[slot] = {"full": table}
-      sources[slot] = f"config.data ({slot} slot)"
-
-  results = {"probe": {}, "features": {}, "seconds": {}}
-  popularity = data.item_popularity().astype(np.float32)[:, None]
-  results["probe_reference"] = {"popularity": {
-      name: _evaluate_topk(ranking.topk_items(np.ones((data.n_users, 1), np.float32), popularity, split,
-                                              max(ev.topk), ev.batch_users), split, ev, item_groups)
-      for name, split in splits.items()}}
-  masked = None
-  if "mask_modality" in probe_cfg.classes:
-    mask_path = os.path.join(workdir, "mask_items.npy")
-    masked = masked_item_set(data.n_items, probe_cfg.mask_ratio, config.seed, mask_path,
-                             probe_cfg.get("mask_items", ""))
-    results["mask_items"] = os.path.abspath(mask_path)
-
-  for name, variants in tables.items():
-    full = variants["full"]
-    results["features"][name] = {"source": sources[name], "dim": int(full.shape[1])}
-    t0 = time.time()
-    results["probe"][name] = probe_features(full, data, splits, probe_cfg.classes, ev, probe_cfg.item_cf_k,
-                                            probe_cfg.item_cf_shrink, item_groups)
-    results["seconds"][name] = {"zero_shot_item_cf": round(time.time() - t0, 3)}
-    logging.info("probe %s (%d-d): %s", name, full.shape[1], json.dumps(
-        {c: r["test"].get(ev.valid_metric) for c, r in results["probe"][name].items()}))
-    if masked is not None:
-      t0 = time.time()
-      feat_dir = os.path.join(workdir, "features")
-      os.makedirs(feat_dir, exist_ok=True)
-      runs = {"unmasked": full, **masked_tables(variants, masked)}
-      out = {}
-      for variant, table in runs.items():
-        path = os.path.join(feat_dir, f"{name}.{variant}.npy")
-        atomic.save_npy(path, table)
-        out[variant] = _stage2(config, os.path.join(workdir, "mask_modality", name, variant), path)
-        logging.info("mask-modality %s/%s: test %s %.4f", name, variant, ev.valid_metric,
-                     out[variant]["test"].get(ev.valid_metric, float("nan")))
-      results["probe"][name]["mask_modality"] = out
-      results["seconds"][name]["mask_modality"] = round(time.time() - t0, 3)
-
-  if jax.process_index() == 0:
-    atomic.write_json(os.path.join(workdir, "results.json"), results)
-  logging.info("\n%s", format_probe_table(results, ev.valid_metric))
-  return results
 
 
 def format_probe_table(results: dict, metric: str = "recall@20") -> str:

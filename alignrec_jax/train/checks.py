@@ -1,9 +1,8 @@
 """Every config value checked before any data loads, so that a typo fails in a second with one line naming the key
 instead of after an epoch with a bare KeyError/TypeError.
 
-`check_config(config)` checks the sections the chosen `config.stage` reads (the probe stage's own section:
-`eval/probes.check_config`); each failure is a `ConfigError` whose
-message starts with the key (`config.eval.valid_metric='recall@25': ...`).
+Each stage calls the check of what it reads first (`check_stage1`, `check_stage2`, `check_probe`); each failure is a
+`ConfigError` whose message starts with the key (`config.eval.valid_metric='recall@25': ...`).
 """
 
 import numbers
@@ -11,12 +10,12 @@ import numbers
 from alignrec_jax import models
 from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.eval import evaluators
+from alignrec_jax.eval import probes
 from alignrec_jax.eval import ranking
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 
-STAGES = ("pretrain", "extract", "train", "all", "probe", "export")
 
 
 class ConfigError(ValueError):
@@ -111,7 +110,7 @@ def check_protocols(config) -> None:
 
 
 def check_stage2(config) -> None:
-  """The keys stage-2 training reads (also called by recommend.run, which other entry points use directly)."""
+  """The keys stage-2 training reads (also called by stage2.run, which other entry points use directly)."""
   for key in ("train.batch_size", "train.epochs", "train.eval_every", "train.keep_checkpoints"):
     _int(config, key, 1)
   _int(config, "train.stopping_step", 0)
@@ -137,7 +136,8 @@ def check_stage2(config) -> None:
   check_eval(config)
 
 
-def _check_stage1(config) -> None:
+def check_stage1(config) -> None:
+  """The keys stage 1 (pre-training and extraction) reads."""
   pre = config.pretrain
   if pre.size not in mmenc.SIZES:
     _fail("pretrain.size", pre.size, f"must be one of {tuple(mmenc.SIZES)}")
@@ -157,17 +157,15 @@ def _check_stage1(config) -> None:
     _number(config, key, 0.0, 1.0, low_open=False)
 
 
-def check_config(config) -> None:
-  """Raises ConfigError naming the first bad key of what `config.stage` reads."""
-  stage = config.stage
-  if stage not in STAGES:
-    _fail("stage", stage, f"is not one of {STAGES}")
-  if stage in ("pretrain", "extract", "all"):
-    _check_stage1(config)
-  if stage in ("train", "all"):
+def check_probe(config) -> None:
+  """What the probe stage reads (its own section, the protocols, the evaluation; stage 2 for mask_modality)."""
+  classes = tuple(config.probe.classes)
+  if not classes or set(classes) - set(probes.CLASSES):
+    _fail("probe.classes", classes, f"must be a non-empty subset of {probes.CLASSES}")
+  _int(config, "probe.item_cf_k", 1)
+  _number(config, "probe.item_cf_shrink", 0.0, low_open=False)
+  check_protocols(config)
+  check_eval(config)
+  if "mask_modality" in classes:
     check_stage2(config)
-  if stage == "probe":  # eval/probes.py checks its own section (it sits above the trainer)
-    check_protocols(config)
-    check_eval(config)
-    if "mask_modality" in config.probe.classes:
-      check_stage2(config)
+

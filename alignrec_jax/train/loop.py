@@ -1,6 +1,6 @@
 """The one training loop of both stages.
 
-A stage (`Pretraining` in pretrain.py, `Recommending` in recommend.py) supplies its loss, optimiser and batches and
+A stage (`Pretraining` in pretrain.py, `Recommending` in stage2.py) supplies its loss, optimiser and batches and
 what happens at the end of a round (an epoch in stage 2, the steps up to a checkpoint in stage 1). The loop owns the
 rest: the devices and the data-parallel step (train/parallel.py), the NaN/Inf and divergence guards, progress lines
 with an ETA, a checkpoint after every round (train/state.py) and the resume that makes a killed and restarted run

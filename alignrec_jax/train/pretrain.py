@@ -37,6 +37,7 @@ from alignrec_jax.data import synthetic
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
+from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
 from alignrec_jax.train import init_from
 from alignrec_jax.train import loop
@@ -174,13 +175,16 @@ class Pretraining(loop.Stage):
     return meta["steps"], False, ""
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "pretrain")
+
+
 def pretrain(config, workdir: str) -> dict:
-  """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}."""
-  os.makedirs(workdir, exist_ok=True)
-  main_process = distributed.is_main_process()
-  with workdir_lib.locked(workdir, main_process):
-    workdir_lib.check_or_record(config, os.path.join(os.path.abspath(workdir), "pretrain"), stage=1,
-                                main_process=main_process)
+  """Runs (or resumes) ICA pre-training; returns the logged history summary {"first": {...}, "last": {...}}.
+
+  Checks the stage-1 config and claims the workdir (train/workdir.py) before any data loads."""
+  checks.check_stage1(config)
+  with workdir_lib.claimed(config, workdir, [(config, checkpoint_dir(workdir), 1)], distributed.is_main_process()):
     return _pretrain(config, workdir)
 
 
@@ -302,7 +306,8 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
 
 def extract(config, workdir: str) -> dict:
   """Writes the feature table of every item (see the module docstring); returns {"n_items", "dim", "step"}."""
-  with workdir_lib.locked(workdir, distributed.is_main_process()):
+  checks.check_stage1(config)
+  with workdir_lib.claimed(config, workdir, (), distributed.is_main_process()):
     return _extract(config, workdir)
 
 

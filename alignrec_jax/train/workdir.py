@@ -4,8 +4,8 @@ were written with.
 Lock: `<workdir>/.lock`, an advisory `flock` held for the whole run (the kernel drops it when the process dies, even
 by SIGKILL) and holding the holder's pid, host and start time. A second run on the workdir fails at once naming the
 holder; a lock file left by a dead process (its flock is gone) is taken over with a warning that names it. The lock
-is re-entrant within one process (main.py and the stage functions both take it) and only process 0 of a
-multi-process run takes it: all processes share one workdir.
+is re-entrant within one process (`--config.stage=all` holds it over the stages it runs) and only process 0 of a
+multi-process run takes it: all processes share one workdir. Each stage takes it through `claimed`.
 
 Stored config: `<checkpoint dir>/run_config.json`, written before the first checkpoint of a directory. A resume
 (the directory holds a finished checkpoint) with a config that differs from it in any key that can change what is
@@ -155,12 +155,20 @@ def check_or_record(config, directory: str, stage: int, main_process: bool = Tru
 
   Raises WorkdirError listing every differing key (stored -> now).
   """
+  if _check(config, directory, stage) and main_process:
+    os.makedirs(directory, exist_ok=True)
+    atomic.write_json(os.path.join(directory, CONFIG_NAME), json.loads(config.to_json_best_effort()))
+
+
+def _check(config, directory: str, stage: int) -> bool:
+  """check_or_record's check; True when `config` is still to be recorded for `directory`."""
   path = os.path.join(directory, CONFIG_NAME)
   now = _compared(resolved_config(config), stage)
   if has_checkpoint(directory):
     if not os.path.isfile(path):
       logging.warning("%s holds checkpoints but no %s (written by an older version): its settings cannot be "
                       "checked; recording the current ones", directory, CONFIG_NAME)
+      return True
     else:
       try:
         with open(path, "r", encoding="utf-8") as f:
@@ -173,7 +181,33 @@ def check_or_record(config, directory: str, stage: int, main_process: bool = Tru
         changes = "; ".join(f"{k}: {stored[k]!r} -> {now[k]!r}" for k in diff)
         raise WorkdirError(f"{directory} holds a run with other settings ({changes}); a resume may change only "
                            "train.epochs: rerun with the stored values or use a fresh --workdir")
-      return
-  if main_process:
-    os.makedirs(directory, exist_ok=True)
-    atomic.write_json(path, json.loads(config.to_json_best_effort()))
+      return False
+  return True
+
+
+def check_usable(workdir: str) -> None:
+  """A workdir that is a file, or a folder this user cannot create or write, fails here in one line."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir} is not writable by this user")
+
+
+@contextlib.contextmanager
+def claimed(command, workdir: str, records=(), main_process: bool = True):
+  """A stage's hold on `workdir`: usable, locked, every `(config, directory, stage)` of `records` checked against
+  what that checkpoint directory holds (all of them before any is recorded), then recorded, and the `command`'s
+  config written to `<workdir>/config.json`. A refused run writes nothing."""
+  check_usable(workdir)
+  with locked(workdir, main_process):
+    pending = [(config, directory) for config, directory, stage in records if _check(config, directory, stage)]
+    if main_process:
+      for config, directory in pending:
+        os.makedirs(directory, exist_ok=True)
+        atomic.write_json(os.path.join(directory, CONFIG_NAME), json.loads(config.to_json_best_effort()))
+      atomic.write_json(os.path.join(workdir, "config.json"), json.loads(command.to_json_best_effort()))
+    yield

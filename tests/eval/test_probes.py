@@ -11,6 +11,7 @@ import pytest
 from alignrec_jax.data import mmrec
 from alignrec_jax.eval import probes, ranking
 from alignrec_jax.train import bridge
+from alignrec_jax.train import probe as probe_stage
 from tests.train import tiny_config
 
 EV = ml_collections.ConfigDict(dict(topk=(5, 10, 20), metrics=("recall", "ndcg", "precision", "map"),
@@ -142,7 +143,7 @@ def test_masked_tables_zero_npy_rows_and_take_stage1_variant_rows(tmp_path):
   np.testing.assert_array_equal(zeroed["zeroed"][keep], full[keep])
   # A stage-1 workdir brings its mask_image/mask_text extractions.
   bridge.save_feature_table(str(tmp_path), {"full": full, "mask_image": img, "mask_text": txt})
-  tables = probes.load_feature_spec(str(tmp_path), 10, "", seed=0)
+  tables = probe_stage.load_feature_spec(str(tmp_path), 10, "", seed=0)
   variants = probes.masked_tables(tables, masked)
   assert sorted(variants) == ["mask_image", "mask_text"]
   np.testing.assert_array_equal(variants["mask_image"][masked], img[masked])
@@ -151,18 +152,18 @@ def test_masked_tables_zero_npy_rows_and_take_stage1_variant_rows(tmp_path):
 
 
 def test_feature_specs_names_and_errors(tmp_path):
-  assert probes.parse_feature_spec("a/b/whisper.npy") == ("whisper", "a/b/whisper.npy")
-  assert probes.parse_feature_spec("random:64") == ("random64", "random:64")
-  assert probes.parse_feature_spec("mmenc=/tmp/run1/") == ("mmenc", "/tmp/run1/")
-  random = probes.load_feature_spec("random:5", 12, "", seed=1)["full"]
+  assert probe_stage.parse_feature_spec("a/b/whisper.npy") == ("whisper", "a/b/whisper.npy")
+  assert probe_stage.parse_feature_spec("random:64") == ("random64", "random:64")
+  assert probe_stage.parse_feature_spec("mmenc=/tmp/run1/") == ("mmenc", "/tmp/run1/")
+  random = probe_stage.load_feature_spec("random:5", 12, "", seed=1)["full"]
   assert random.shape == (12, 5) and random.dtype == np.float32
-  np.testing.assert_array_equal(random, probes.load_feature_spec("random:5", 12, "", seed=1)["full"])
+  np.testing.assert_array_equal(random, probe_stage.load_feature_spec("random:5", 12, "", seed=1)["full"])
   np.save(tmp_path / "f64.npy", np.ones((12, 3)))  # float64 is accepted and cast
-  assert probes.load_feature_spec("f64.npy", 12, str(tmp_path), seed=0)["full"].dtype == np.float32
+  assert probe_stage.load_feature_spec("f64.npy", 12, str(tmp_path), seed=0)["full"].dtype == np.float32
   with pytest.raises(ValueError, match="random:<width>"):
-    probes.load_feature_spec("random:x", 12, "", seed=0)
+    probe_stage.load_feature_spec("random:x", 12, "", seed=0)
   with pytest.raises(mmrec.DataError, match="feature file not found"):
-    probes.load_feature_spec("missing.npy", 12, str(tmp_path), seed=0)
+    probe_stage.load_feature_spec("missing.npy", 12, str(tmp_path), seed=0)
 
 
 def _tiny_probe_config(root, **probe):
@@ -190,7 +191,7 @@ def test_run_writes_results_for_every_feature_and_class(tmp_path):
   bridge.save_feature_table(stage1, {"full": feats[:, ::-1].copy()})
   config = _tiny_probe_config(root, features=("feat.npy", "rnd=random:6", f"s1={stage1}"))
   config.eval.popularity_groups = (0.2,)
-  results = probes.run(config, str(tmp_path / "probe"))
+  results = probe_stage.run(config, str(tmp_path / "probe"))
   on_disk = json.loads((tmp_path / "probe" / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
   assert set(results["probe"]) == {"feat", "rnd", "s1"}
@@ -204,9 +205,9 @@ def test_run_writes_results_for_every_feature_and_class(tmp_path):
   assert results["probe"]["s1"] == results["probe"]["feat"]
   assert results["probe_reference"]["popularity"]["test"]["recall@20"] >= 0
   with pytest.raises(ValueError, match="duplicate feature names"):
-    probes.run(_tiny_probe_config(root, features=("feat.npy", "feat.npy")), str(tmp_path / "dup"))
+    probe_stage.run(_tiny_probe_config(root, features=("feat.npy", "feat.npy")), str(tmp_path / "dup"))
   with pytest.raises(ValueError, match="probe.classes"):
-    probes.run(_tiny_probe_config(root, features=("feat.npy",), classes=("zero_shot", "bogus")),
+    probe_stage.run(_tiny_probe_config(root, features=("feat.npy",), classes=("zero_shot", "bogus")),
                str(tmp_path / "bad"))
 
 
@@ -217,7 +218,7 @@ def test_mask_modality_trains_stage2_on_the_unmasked_and_each_masked_table(tmp_p
   stage1 = str(tmp_path / "stage1")
   bridge.save_feature_table(stage1, {"full": feats, "mask_image": image_masked, "mask_text": text_masked})
   config = _tiny_probe_config(root, features=(f"s1={stage1}",), classes=("mask_modality",))
-  results = probes.run(config, str(tmp_path / "probe"))
+  results = probe_stage.run(config, str(tmp_path / "probe"))
   runs = results["probe"]["s1"]["mask_modality"]
   assert set(runs) == {"unmasked", "mask_image", "mask_text"}
   for run in runs.values():

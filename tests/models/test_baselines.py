@@ -410,7 +410,7 @@ def test_lfm2k_baseline_settings_are_points_of_their_grids():
 def test_every_registered_model_trains_two_epochs(name, num_devices, tmp_path):
   """Two epochs, so that donated state, per-epoch inputs (FREEDOM, BM3) and buffers shared between the inputs and
   the parameters are exercised past the first step of the second epoch."""
-  from alignrec_jax.train import recommend  # the trainer (stage 2)
+  from alignrec_jax.train import stage2  # the trainer (stage 2)
   config = tiny_config(str(tmp_path / "data"))
   config.model.name = name
   config.model.knn_k = 5
@@ -421,7 +421,7 @@ def test_every_registered_model_trains_two_epochs(name, num_devices, tmp_path):
   config.eval.valid_metric = "recall@10"
   if name == "alignrec":
     config.model.sim_target = "frozen"  # keeps the initial table in the inputs beside the trainable copy
-  results = recommend.run(config, str(tmp_path / "run"))
+  results = stage2.run(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "results.json") as f:
     written = json.load(f)
   assert written["epochs_run"] == 2 and written["best_epoch"] == results["best_epoch"] in (0, 1)

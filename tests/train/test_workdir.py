@@ -1,7 +1,7 @@
 """A workdir belongs to one run: the lock, the config-checked resume, the best checkpoint across restarts and the
 verified restore that falls back to the newest intact step.
 
-Tiny synthetic data (tests/train/test_recommend.py's) and one device: each run takes seconds.
+Tiny synthetic data (tests.train.test_stage2.py's) and one device: each run takes seconds.
 """
 
 import json
@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from alignrec_jax.train import recommend
+from alignrec_jax.train import stage2
 from alignrec_jax.train import state as state_lib
 from alignrec_jax.train import workdir as workdir_lib
-from tests.train.test_recommend import REPO, tiny_config, write_dataset
+from tests.train.test_stage2 import REPO, tiny_config, write_dataset
 
 _HOLD = ("import sys, time; sys.path.insert(0, {repo!r}); from alignrec_jax.train import workdir; "
          "ctx = workdir.locked({path!r}); ctx.__enter__(); print('locked', flush=True); time.sleep(120)")
@@ -35,7 +35,7 @@ def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
   try:
     t0 = time.time()
     with pytest.raises(workdir_lib.WorkdirError, match=f"in use by pid {child.pid} on host {socket.gethostname()}"):
-      recommend.run(tiny_config(tmp_path / "no_data_needed"), str(tmp_path))
+      stage2.run(tiny_config(tmp_path / "no_data_needed"), str(tmp_path))
     assert time.time() - t0 < 5  # at once, before any data loads
   finally:
     child.kill()
@@ -72,16 +72,16 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning_and_released_on_e
 def test_a_resume_with_other_settings_is_refused_before_the_data_loads(tmp_path):
   root = write_dataset(tmp_path / "data")
   workdir = str(tmp_path / "run")
-  recommend.run(tiny_config(root, epochs=1), workdir)
+  stage2.run(tiny_config(root, epochs=1), workdir)
   changed = tiny_config(tmp_path / "gone", epochs=3)  # the data is not read: the refusal comes first
   changed.data.root = str(root)
   changed.optim.lr = 5e-3
   changed.seed = 1
   os.rename(root, tmp_path / "gone")
   with pytest.raises(workdir_lib.WorkdirError, match=r"other settings \(optim.lr: 0.01 -> 0.005; seed: 999 -> 1\)"):
-    recommend.run(changed, workdir)
+    stage2.run(changed, workdir)
   os.rename(tmp_path / "gone", root)
-  more = recommend.run(tiny_config(root, epochs=2), workdir)  # train.epochs may change
+  more = stage2.run(tiny_config(root, epochs=2), workdir)  # train.epochs may change
   assert len(more["history"]) == 2
 
 
@@ -99,11 +99,11 @@ def _best_params(workdir, config):
 def test_the_best_checkpoint_survives_two_restarts(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = lambda epochs: tiny_config(root, epochs=epochs, stopping_step=100)
-  whole = recommend.run(_lr(config(4)), str(tmp_path / "whole"))
+  whole = stage2.run(_lr(config(4)), str(tmp_path / "whole"))
   assert whole["best_epoch"] < 2  # the setting's point: the best epoch is older than the last kept one
   resumed = str(tmp_path / "resumed")
   for epochs in (2, 3, 4):  # two restarts
-    result = recommend.run(_lr(config(epochs)), resumed)
+    result = stage2.run(_lr(config(epochs)), resumed)
   assert result["best_epoch"] == whole["best_epoch"] and result["test"] == whole["test"]
   a, meta_a = _best_params(str(tmp_path / "whole"), _lr(config(4)))
   b, meta_b = _best_params(resumed, _lr(config(4)))
@@ -129,7 +129,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   workdir = tmp_path / "run"
   config = tiny_config(root, epochs=2)
   config.train.keep_checkpoints = 2
-  recommend.run(config, str(workdir))
+  stage2.run(config, str(workdir))
   path = _largest_data_file(str(workdir / "checkpoints" / "2"))
   if damage == "flip_byte":
     data = bytearray(open(path, "rb").read())
@@ -138,13 +138,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   else:
     os.remove(path)
   config.train.epochs = 3
-  resumed = recommend.run(config, str(workdir))
+  resumed = stage2.run(config, str(workdir))
   assert "checkpoint 2 in" in caplog.text and "falling back to the previous checkpoint" in caplog.text
   assert "Event loop is closed" not in caplog.text
   assert os.listdir(workdir / "damaged_checkpoints") and len(resumed["history"]) == 3
   fresh = tiny_config(root, epochs=3)
   fresh.train.keep_checkpoints = 2
-  whole = recommend.run(fresh, str(tmp_path / "whole"))
+  whole = stage2.run(fresh, str(tmp_path / "whole"))
   assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
 
 
@@ -176,8 +176,8 @@ def test_only_keys_that_can_change_the_checkpoint_are_compared(tmp_path):
 def test_a_checkpoint_of_another_feature_width_is_refused_and_left_in_place(tmp_path):
   root = write_dataset(tmp_path / "data")
   workdir = tmp_path / "run"
-  recommend.run(tiny_config(root, epochs=1), str(workdir))
+  stage2.run(tiny_config(root, epochs=1), str(workdir))
   write_dataset(tmp_path / "data", d_f=12)  # same config, the feature file now 12 wide
   with pytest.raises(state_lib.CheckpointError, match=r"can be restored \(none was moved\)"):
-    recommend.run(tiny_config(root, epochs=2), str(workdir))
+    stage2.run(tiny_config(root, epochs=2), str(workdir))
   assert (workdir / "checkpoints" / "1").is_dir() and not (workdir / "damaged_checkpoints").exists()

@@ -1,4 +1,4 @@
-"""Config of the tiny synthetic dataset that tests/train/test_recommend.py writes (data.root is set per test)."""
+"""Config of the tiny synthetic dataset that tests.train.test_stage2.py writes (data.root is set per test)."""
 
 from configs import base
 

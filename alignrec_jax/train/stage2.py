@@ -143,11 +143,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Holds the workdir's lock and refuses to resume a checkpoint written with other settings (train/workdir.py), both
   before any data loads."""
   checks.check_stage2(config)
-  os.makedirs(workdir, exist_ok=True)
-  main_process = distributed.is_main_process()
-  with workdir_lib.locked(workdir, main_process):
-    workdir_lib.check_or_record(config, os.path.join(workdir, "checkpoints"), stage=2, main_process=main_process)
+  with workdir_lib.claimed(config, workdir, [(config, checkpoint_dir(workdir), 2)], distributed.is_main_process()):
     return _run(config, workdir)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, "checkpoints")
+
+
+def after_stage1(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The stage-2 config of a --config.stage=all run: trained on the table stage 1 extracted into `workdir`."""
+  config = config.copy_and_resolve_references()
+  config.data.features_from = workdir
+  return config
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from alignrec_jax.data import mmrec
-from alignrec_jax.train import recommend
+from alignrec_jax.train import stage2
 from alignrec_jax.train import state as state_lib
 from configs import base
 from tests.train import tiny_config as tiny_config_file
@@ -55,15 +55,15 @@ def tiny_config(root, **train):
 
 def test_lr_schedule_is_the_references_step_decay():
   optim = base.get_base_config().optim
-  assert recommend.learning_rate(optim, 0) == pytest.approx(1e-3)
-  assert recommend.learning_rate(optim, 50) == pytest.approx(1e-3 * 0.96)
-  assert recommend.learning_rate(optim, 25) == pytest.approx(1e-3 * 0.96 ** 0.5)
+  assert stage2.learning_rate(optim, 0) == pytest.approx(1e-3)
+  assert stage2.learning_rate(optim, 50) == pytest.approx(1e-3 * 0.96)
+  assert stage2.learning_rate(optim, 25) == pytest.approx(1e-3 * 0.96 ** 0.5)
 
 
 def test_run_writes_results_and_resumes_to_the_same_end(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = tiny_config(root, epochs=3)
-  results = recommend.run(config, str(tmp_path / "run"))
+  results = stage2.run(config, str(tmp_path / "run"))
   on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
   assert set(results) >= {"best_epoch", "valid", "test", "history"}
@@ -72,10 +72,10 @@ def test_run_writes_results_and_resumes_to_the_same_end(tmp_path):
   assert results["valid"]["recall@20"] == best
   assert results["history"][results["best_epoch"]]["valid_recall@20"] == best
   # Rerunning a finished run trains nothing and returns the same results.
-  assert recommend.run(config, str(tmp_path / "run")) == results
+  assert stage2.run(config, str(tmp_path / "run")) == results
   # Continuing the 3-epoch run to 5 epochs equals a 5-epoch run from scratch.
-  more = recommend.run(tiny_config(root, epochs=5), str(tmp_path / "run"))
-  fresh = recommend.run(tiny_config(root, epochs=5), str(tmp_path / "fresh"))
+  more = stage2.run(tiny_config(root, epochs=5), str(tmp_path / "run"))
+  fresh = stage2.run(tiny_config(root, epochs=5), str(tmp_path / "fresh"))
   assert [h["loss"] for h in more["history"]] == [h["loss"] for h in fresh["history"]]
   assert more["test"] == fresh["test"]
 
@@ -84,7 +84,7 @@ def test_early_stopping_counts_epochs_without_strict_improvement(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = tiny_config(root, epochs=40, stopping_step=2)
   config.optim.lr = 0.05
-  results = recommend.run(config, str(tmp_path / "run"))
+  results = stage2.run(config, str(tmp_path / "run"))
   values = [h["valid_recall@20"] for h in results["history"]]
   assert len(values) < 40, "expected an early stop"
   best_epoch = int(np.argmax(values))  # first index of the maximum = the strict-> best
@@ -96,8 +96,8 @@ def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
   if jax.local_device_count() < 4:
     pytest.skip("needs 4 CPU devices (tests/conftest.py forces them with XLA_FLAGS)")
   root = write_dataset(tmp_path / "data", n_users=70)  # 70*7 = 490 rows: the last batch is padded
-  one = recommend.run(tiny_config(root, epochs=3, num_devices=1), str(tmp_path / "one"))
-  four = recommend.run(tiny_config(root, epochs=3, num_devices=4), str(tmp_path / "four"))
+  one = stage2.run(tiny_config(root, epochs=3, num_devices=1), str(tmp_path / "one"))
+  four = stage2.run(tiny_config(root, epochs=3, num_devices=4), str(tmp_path / "four"))
   np.testing.assert_allclose([h["loss"] for h in four["history"]], [h["loss"] for h in one["history"]], rtol=2e-4)
   for part in ("bpr", "cca", "sim", "reg", "ui_cosine"):
     np.testing.assert_allclose([h[part] for h in four["history"]], [h[part] for h in one["history"]], rtol=2e-3,
@@ -107,13 +107,13 @@ def test_one_and_four_devices_give_the_same_loss_curve(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   root = write_dataset(tmp_path / "data")
   workdir = str(tmp_path / "run")
-  recommend.run(tiny_config(root, epochs=2), workdir)
+  stage2.run(tiny_config(root, epochs=2), workdir)
   config = tiny_config(root, epochs=4)
   # the lr explodes from epoch 2 on (a resume may not change optim.lr itself)
-  schedule = recommend.learning_rate
-  monkeypatch.setattr(recommend, "learning_rate", lambda optim, epoch: 1e30 if epoch >= 2 else schedule(optim, epoch))
+  schedule = stage2.learning_rate
+  monkeypatch.setattr(stage2, "learning_rate", lambda optim, epoch: 1e30 if epoch >= 2 else schedule(optim, epoch))
   with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2.*last good checkpoint \(after epoch 1\)"):
-    recommend.run(config, workdir)
+    stage2.run(config, workdir)
   ckpt = state_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     assert ckpt.latest_step() == 2
@@ -125,9 +125,9 @@ def test_a_diverging_finite_loss_stops_the_run_with_an_error(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = tiny_config(root, epochs=3)
   config.optim.lr = 1e6  # the loss stays finite (about 4e11 in the first epoch) but is no longer training
-  with pytest.raises(recommend.DivergenceError, match=r"the run diverged: epoch 0's mean loss .* above "
+  with pytest.raises(stage2.DivergenceError, match=r"the run diverged: epoch 0's mean loss .* above "
                                                       r"config.train.divergence_factor=1000 x the first step's loss"):
-    recommend.run(config, str(tmp_path / "run"))
+    stage2.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "results.json").exists()
   assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
@@ -136,7 +136,7 @@ def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):
   root = write_dataset(tmp_path / "data")
   (tmp_path / "data" / "feat.npy").write_bytes(b"not an npy file")
   with pytest.raises(mmrec.DataError, match="feat.npy: not a readable .npy"):
-    recommend.run(tiny_config(root), str(tmp_path / "run"))
+    stage2.run(tiny_config(root), str(tmp_path / "run"))
   with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
     state_lib.restore_best_params(str(tmp_path / "nowhere"), {}, {})
 
@@ -185,7 +185,7 @@ def test_popularity_groups_are_reported_and_add_up(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = tiny_config(root, epochs=1)
   config.eval.popularity_groups = (0.2,)
-  results = recommend.run(config, str(tmp_path / "run"))
+  results = stage2.run(config, str(tmp_path / "run"))
   groups = results["test"]["groups"]
   assert set(groups) == {"head", "tail"}
   # each group's value is its share of the overall metric (values are rounded to 4 decimals, as MMRec prints)
@@ -197,7 +197,7 @@ def test_cold_start_run_reports_cold_metrics_and_can_stop_on_them(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = tiny_config(root, epochs=3)
   config.data.cold_items = 0.25
-  results = recommend.run(config, str(tmp_path / "warm_select"))
+  results = stage2.run(config, str(tmp_path / "warm_select"))
   assert results["select_on"] == "valid"
   for name in ("valid_cold", "test_cold"):
     assert 0.0 <= results[name]["recall@20"] <= 1.0
@@ -205,6 +205,6 @@ def test_cold_start_run_reports_cold_metrics_and_can_stop_on_them(tmp_path):
   best = results["history"][results["best_epoch"]]
   assert results["test_cold"]["recall@20"] == best["test_cold_recall@20"]
   config.eval.select_on = "valid_cold"
-  cold_select = recommend.run(config, str(tmp_path / "cold_select"))
+  cold_select = stage2.run(config, str(tmp_path / "cold_select"))
   values = [h["valid_cold_recall@20"] for h in cold_select["history"]]
   assert cold_select["best_epoch"] == values.index(max(values))
