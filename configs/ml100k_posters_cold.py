@@ -8,8 +8,8 @@ the cosine-weighted mean of the vectors of its knn_k most similar trained items 
 sees every item's content, never a cold item's interactions. Reuse a finished stage-1 workdir with
 --config.data.features_from=W --config.stage=train.
 
-Not yet measured with the neighbour rule (the README's "New and cold items" says so): the figures for the paper's
-own vectors of the cold items are in docs/experiments.md (2026-12-03).
+Not yet measured with the neighbour rule (docs/results.md, "The neighbour rule on lfm2k", says so): the figures
+for the paper's own vectors of the cold items are in docs/experiments.md (2026-12-03).
 """
 
 from configs import ml100k_posters
