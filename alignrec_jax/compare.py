@@ -43,27 +43,38 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from alignrec_jax import report
 from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import COLD_SPLITS
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.data.mmrec import HELD_OUT_SPLITS
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.models import get_model
 from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
+from alignrec_jax.train import loop
 from alignrec_jax.train import stage2
+from alignrec_jax.train import workdir as workdir_lib
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 COLD_TABLE_METRICS = ("recall@20", "ndcg@20")  # cold-start columns, after the warm ones
-SPLITS = ("valid", "test") + COLD_SPLITS  # the cold ones only with cold-start items (--config.data.cold_items)
+# what a user fixes (an unknown model, --seeds=0, a busy or foreign workdir, a bad config value): one line, exit 1
+USER_ERRORS = (ConfigError, DataError, workdir_lib.WorkdirError, loop.DivergenceError, OSError)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
-_MODELS = flags.DEFINE_list("models", ["alignrec", "lightgcn", "vbpr", "bm3", "freedom", "mgcn"],
-                            "Registered model names (config.model.name) to compare.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per model: config.seed, config.seed + 1, ...")
-_GRID = flags.DEFINE_bool("grid", False, "Select each model's hyper-parameters on its grid (valid metric) first.")
-_SELECT = flags.DEFINE_string("select_metric", "recall@20", "Valid metric that selects the grid combination.")
-_GRID_KEYS = flags.DEFINE_list("grid_keys", [], "With --grid: search only these grid keys (e.g. "
-                               "model.vbpr.reg_weight); the others keep their config values. Empty = every key.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags() -> None:
+  """The command line's flags (also the benches' that drive `compare`); defined when a program asks, never at
+  import."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for every run and the comparison table.")
+  flags.DEFINE_list("models", ["alignrec", "lightgcn", "vbpr", "bm3", "freedom", "mgcn"],
+                    "Registered model names (config.model.name) to compare.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per model: config.seed, config.seed + 1, ...")
+  flags.DEFINE_bool("grid", False, "Select each model's hyper-parameters on its grid (valid metric) first.")
+  flags.DEFINE_string("select_metric", "recall@20", "Valid metric that selects the grid combination.")
+  flags.DEFINE_list("grid_keys", [], "With --grid: search only these grid keys (e.g. "
+                    "model.vbpr.reg_weight); the others keep their config values. Empty = every key.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def hyper_grid(model_name: str) -> dict:
@@ -88,24 +99,14 @@ def apply_overrides(config, model_name: str, seed: int, overrides: dict):
     parts = key.split(".")
     for part in parts[:-1]:
       if part not in node:
-        raise ValueError(f"grid key {key!r}: config has no section {part!r}")
+        raise ConfigError(f"grid key {key!r}: config has no section {part!r}")
       node = node[part]
     if parts[-1] not in node:
-      raise ValueError(f"grid key {key!r}: config has no key {parts[-1]!r} (known: {sorted(node.keys())})")
+      raise ConfigError(f"grid key {key!r}: config has no key {parts[-1]!r} (known: {sorted(node.keys())})")
     current = node[parts[-1]]
     node[parts[-1]] = float(value) if isinstance(current, float) else value
   return config
 
-
-def _flatten(tree, prefix: str = "") -> dict:
-  """{dotted key: leaf} of nested dicts."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str) -> dict:
@@ -134,10 +135,10 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
                       "overrides only; its settings may differ from this config's", workdir)
       checked = {k: v for k, v in identity.items() if k != "config"}
     if recorded != checked:
-      old, new = _flatten(recorded), _flatten(checked)
+      old, new = workdir_lib.flatten(recorded), workdir_lib.flatten(checked)
       differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
       shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differ[:5])
-      raise ValueError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
+      raise ConfigError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
                        f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
   else:
     atomic.write_json(id_path, identity)
@@ -160,7 +161,7 @@ def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str
   if grid_keys:
     unknown = sorted(set(grid_keys) - set(grid))
     if unknown:
-      raise ValueError(f"--grid_keys {unknown} are not in the grid of {model_name!r}: {sorted(grid)}")
+      raise ConfigError(f"--grid_keys {unknown} are not in the grid of {model_name!r}: {sorted(grid)}")
     grid = {k: v for k, v in grid.items() if k in grid_keys}
   combos = grid_combinations(grid)
   if not combos or combos == [{}]:
@@ -171,7 +172,7 @@ def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str
     run_dir = os.path.join(workdir, model_name, "grid", name)
     results = train_once(config, model_name, seed, overrides, run_dir)
     if metric not in results.get("valid", {}):
-      raise ValueError(f"valid metric {metric!r} missing from {run_dir}/results.json (has "
+      raise ConfigError(f"valid metric {metric!r} missing from {run_dir}/results.json (has "
                        f"{sorted(results.get('valid', {}))}); set --select_metric or config.eval.topk")
     value = float(results["valid"][metric])
     summaries.append({"overrides": overrides, "workdir": run_dir, "best_epoch": results.get("best_epoch"),
@@ -193,9 +194,9 @@ def mean_std(values: list) -> dict:
 
 
 def summarise(runs: dict) -> dict:
-  """Per-split mean ± std over the seeds' runs {seed: results}, for each of SPLITS that every run has."""
+  """Per-split mean ± std over the seeds' runs {seed: results}, for each of HELD_OUT_SPLITS that every run has."""
   out = {}
-  for split in SPLITS:
+  for split in HELD_OUT_SPLITS:
     if split in COLD_SPLITS and not all(isinstance(r.get(split), dict) for r in runs.values()):
       continue
     keys = sorted(set.intersection(*(set(r[split]) for r in runs.values())))
@@ -203,15 +204,11 @@ def summarise(runs: dict) -> dict:
   return out
 
 
-def has_cold(comparison: dict) -> bool:
-  """Whether any model of the comparison has cold-start test metrics."""
-  return any(entry.get("test_cold") for entry in comparison["models"].values())
-
 
 def markdown_table(comparison: dict, metrics=TABLE_METRICS, cold_metrics=COLD_TABLE_METRICS) -> str:
   """The comparison as a Markdown table: one row per model, test mean ± std over its seeds, and the cold-start test
   `cold_metrics` after the warm columns when any model has them."""
-  cold = list(cold_metrics) if has_cold(comparison) else []
+  cold = list(cold_metrics) if report.has_cold(comparison) else []
   head = "| model | seeds | " + " | ".join(f"test {m}" for m in metrics) + " | valid recall@20 |"
   head += "".join(f" cold test {m} |" for m in cold)
   lines = [head, "|" + "---|" * (len(metrics) + 3 + len(cold))]
@@ -233,7 +230,7 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
             select_metric: str = "recall@20", grid_keys=()) -> dict:
   """Trains every model × seed (after the grid selection with `grid`) and writes comparison.json / .md."""
   if n_seeds < 1:
-    raise ValueError(f"--seeds={n_seeds} must be >= 1")
+    raise ConfigError(f"--seeds={n_seeds} must be >= 1")
   for name in models:
     get_model(name)  # an unknown name fails before any training
   os.makedirs(workdir, exist_ok=True)
@@ -260,7 +257,7 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
     # partial tables survive an interruption
     atomic.write_json(os.path.join(workdir, "comparison.json"), comparison)
   text = f"# {config.data.name}: test metrics at the best valid epoch, mean ± sample std over seeds {seeds}\n\n"
-  if has_cold(comparison):
+  if report.has_cold(comparison):
     text += "cold test: ranked over the cold-start items (held out of training) only.\n\n"
   atomic.write_text(os.path.join(workdir, "comparison.md"), text + markdown_table(comparison))
   return comparison
@@ -269,9 +266,13 @@ def compare(config, models: list, n_seeds: int, workdir: str, grid: bool = False
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir = os.path.expanduser(_WORKDIR.value)
-  comparison = compare(_CONFIG.value, [m.strip() for m in _MODELS.value if m.strip()], _SEEDS.value, workdir,
-                       _GRID.value, _SELECT.value, tuple(_GRID_KEYS.value))
+  FLAGS = flags.FLAGS
+  workdir = os.path.expanduser(FLAGS.workdir)
+  try:
+    comparison = compare(FLAGS.config, [m.strip() for m in FLAGS.models if m.strip()], FLAGS.seeds, workdir,
+                         FLAGS.grid, FLAGS.select_metric, tuple(FLAGS.grid_keys))
+  except USER_ERRORS as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
   print("\n" + markdown_table(comparison))
   print(f"comparison: {os.path.join(workdir, 'comparison.json')}, {os.path.join(workdir, 'comparison.md')}")
   sys.stdout.flush()
@@ -279,4 +280,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   distributed.configure_xla()  # before JAX starts its backend
+  define_flags()
   app.run(main)

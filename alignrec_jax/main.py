@@ -31,10 +31,12 @@ import jax
 from ml_collections import config_flags
 
 from alignrec_jax import export
-from alignrec_jax.data.mmrec import COLD_SPLITS
+from alignrec_jax.data.mmrec import HELD_OUT_SPLITS
 from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
+from alignrec_jax.train import loop
 from alignrec_jax.train import pretrain
 from alignrec_jax.train import probe
 from alignrec_jax.train import stage2
@@ -76,7 +78,7 @@ def _initialise_jax(config) -> None:
 
 def format_metrics_table(results: dict, keys=("recall", "ndcg", "precision", "map")) -> str:
   """The final metrics as a fixed-width table: one row per split, one column per metric@K."""
-  splits = [s for s in ("valid", "test") + COLD_SPLITS if isinstance(results.get(s), dict)]
+  splits = [s for s in HELD_OUT_SPLITS if isinstance(results.get(s), dict)]
   if not splits:
     return ""
   columns = [c for c in results[splits[0]] if c.split("@")[0] in keys]
@@ -118,7 +120,7 @@ def run(config, workdir: str) -> dict:
   """Runs `config.stage` in `workdir`; returns its results dict (also in <workdir>/results.json), {} for a stage that
   writes none."""
   if config.stage not in STAGES:
-    raise checks.ConfigError(f"config.stage={config.stage!r} is not one of {tuple(STAGES)}")
+    raise ConfigError(f"config.stage={config.stage!r} is not one of {tuple(STAGES)}")
   _initialise_jax(config)
   stage, writes_results = STAGES[config.stage]
   results = stage(config, workdir)
@@ -171,9 +173,11 @@ def parse_flags(argv):
 
 
 def _user_errors() -> tuple:
-  """Exception types whose message is the whole story for a user (bad input, a busy workdir, a diverged run)."""
-  return (DataError, checks.ConfigError, export.RunError, workdir_lib.WorkdirError, state_lib.CheckpointError,
-          FloatingPointError, ValueError, OSError)
+  """Exception types whose message is the whole story for a user: bad input, a busy workdir, a diverged run, the
+  machine's own limits (OSError: a full disk, a missing permission). Anything else is a bug: it prints its type and
+  points at --verbose."""
+  return (DataError, ConfigError, export.RunError, workdir_lib.WorkdirError, state_lib.CheckpointError,
+          loop.DivergenceError, OSError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -208,7 +212,7 @@ def _main(FLAGS) -> None:
     spec = f"{path}:{arg}" if arg else path
     if path and not os.path.isfile(path):
       raise FileNotFoundError(f"config file not found: {spec}") from None
-    raise ValueError(f"config file {spec} cannot be loaded: {type(e.__cause__ or e).__name__}: "
+    raise ConfigError(f"config file {spec} cannot be loaded: {type(e.__cause__ or e).__name__}: "
                      f"{_one_line(e.__cause__ or e)}") from e
   workdir = os.path.expanduser(FLAGS.workdir)
   results = run(config, workdir)

@@ -22,6 +22,7 @@ the report keeps its tables and says that the plots were skipped.
 
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 from absl import app
@@ -30,11 +31,19 @@ from absl import logging
 
 from alignrec_jax.data import atomic
 
-_OUT = flags.DEFINE_string("out", None, "Output folder for report.md and the PNGs (default: <first workdir>/report).")
-_METRICS = flags.DEFINE_list("metrics", ["recall@10", "recall@20", "ndcg@10", "ndcg@20"],
-                             "Metric columns of the tables.")
-_COLD_METRICS = flags.DEFINE_list("cold_metrics", ["recall@20", "ndcg@20"],
-                                  "Cold-start test metric columns (shown only where results have test_cold).")
+
+
+class ReportError(ValueError):
+  """A workdir or results file that cannot be reported; the message names it."""
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when the program runs, never at import."""
+  flags.DEFINE_string("out", None, "Output folder for report.md and the PNGs (default: <first workdir>/report).")
+  flags.DEFINE_list("metrics", ["recall@10", "recall@20", "ndcg@10", "ndcg@20"], "Metric columns of the tables.")
+  flags.DEFINE_list("cold_metrics", ["recall@20", "ndcg@20"],
+                    "Cold-start test metric columns (shown only where results have test_cold).")
+
 
 PLOT_EXTRA = "pip install -r requirements-report.txt"
 
@@ -46,18 +55,18 @@ def load_results(workdir: str) -> dict:
   if not os.path.isfile(path) and os.path.isfile(comparison):
     path = comparison
   if not os.path.isfile(path):
-    raise ValueError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe) or of "
+    raise ReportError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe) or of "
                      "python -m alignrec_jax.compare (comparison.json)?")
   try:
     with open(path, "r", encoding="utf-8") as f:
       results = json.load(f)
   except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise ReportError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(results, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
   if path == comparison:
     if not isinstance(results.get("models"), dict):
-      raise ValueError(f"{path}: no 'models' object: not written by python -m alignrec_jax.compare")
+      raise ReportError(f"{path}: no 'models' object: not written by python -m alignrec_jax.compare")
     return {"comparison": results}
   return results
 
@@ -282,7 +291,7 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
 
   cold_metrics: the cold-start test columns, shown where some result has test_cold."""
   if not workdirs:
-    raise ValueError("no workdirs given: python -m alignrec_jax.report <workdir> [<workdir> ...]")
+    raise ReportError("no workdirs given: python -m alignrec_jax.report <workdir> [<workdir> ...]")
   named = list(zip(run_names(workdirs), [load_results(w) for w in workdirs]))
   out_dir = out_dir or os.path.join(workdirs[0], "report")
   os.makedirs(out_dir, exist_ok=True)
@@ -379,9 +388,14 @@ def build_report(workdirs: Sequence[str], out_dir: Optional[str] = None,
 
 
 def main(argv):
-  path = build_report(argv[1:], _OUT.value, tuple(_METRICS.value), tuple(_COLD_METRICS.value))
+  FLAGS = flags.FLAGS
+  try:
+    path = build_report(argv[1:], FLAGS.out, tuple(FLAGS.metrics), tuple(FLAGS.cold_metrics))
+  except (ReportError, OSError) as e:
+    sys.exit(f"error: {' '.join(str(e).split())}")
   print(f"report: {path}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -52,6 +52,7 @@ from alignrec_jax.data import atomic  # noqa: E402
 from alignrec_jax.data import content  # noqa: E402
 from alignrec_jax.data import mmrec  # noqa: E402
 
+compare.define_flags()
 _STAGE1 = flags.DEFINE_string("stage1", "", "bench/stage1_quality.py workdir (pretrained/ and random/)")
 _STAGE1_NO_BOW = flags.DEFINE_string("stage1_no_cls_bow", "", "the same, pre-trained without the [CLS] term")
 _TFIDF = flags.DEFINE_bool("text_tfidf", False, "add the TF-IDF table of the item texts (data.items_file)")
@@ -130,8 +131,8 @@ def main(argv):
   if flags.FLAGS["models"].present:
     raise app.UsageError("--models is not used here: the arms come from the flags (see the module docstring)")
   start = time.time()
-  config = compare._CONFIG.value.copy_and_resolve_references()
-  workdir = os.path.expanduser(compare._WORKDIR.value)
+  config = flags.FLAGS.config.copy_and_resolve_references()
+  workdir = os.path.expanduser(flags.FLAGS.workdir)
   with config.unlocked():
     config.stage = "train"
   merged = {"dataset": config.data.name, "cold_items": config.data.cold_items,
@@ -144,7 +145,7 @@ def main(argv):
       arm_config.data.features_from = ""
       arm_config.data.image_feat = arm_config.data.text_feat = ""
       arm_config.data.update(data_overrides)
-    result = compare.compare(arm_config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
+    result = compare.compare(arm_config, [model], flags.FLAGS.seeds, os.path.join(workdir, arm))
     merged["models"][arm] = dict(result["models"][model], model=model, data=data_overrides)
     atomic.write_json(os.path.join(workdir, "cold_start.json"), merged)
   # without cold-start items (the sparse-user protocol) the cold columns would all be n/a

@@ -30,6 +30,7 @@ distributed.configure_xla()  # before JAX starts its backend: the package itself
 from alignrec_jax import compare  # noqa: E402
 from alignrec_jax.data import atomic  # noqa: E402
 
+compare.define_flags()
 _STAGE1 = flags.DEFINE_string("stage1", None, "bench/stage1_quality.py workdir (holds pretrained/ and random/)")
 flags.mark_flags_as_required(["stage1"])
 
@@ -46,18 +47,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if flags.FLAGS["models"].present:
     raise app.UsageError("--models is not used here: the arms are fixed (see the module docstring)")
-  stage1, workdir = os.path.expanduser(_STAGE1.value), os.path.expanduser(compare._WORKDIR.value)
+  stage1, workdir = os.path.expanduser(_STAGE1.value), os.path.expanduser(flags.FLAGS.workdir)
   for _, _, source in arms(stage1):
     if source and not os.path.isdir(source):
       raise FileNotFoundError(f"--stage1={stage1}: {source} is missing; run bench/stage1_quality.py first")
-  merged = {"dataset": compare._CONFIG.value.data.name, "metrics": list(compare.TABLE_METRICS), "models": {}}
+  merged = {"dataset": flags.FLAGS.config.data.name, "metrics": list(compare.TABLE_METRICS), "models": {}}
   for arm, model, source in arms(stage1):
-    config = compare._CONFIG.value.copy_and_resolve_references()
+    config = flags.FLAGS.config.copy_and_resolve_references()
     with config.unlocked():
       config.stage = "train"
       config.data.features_from = source
       config.data.image_feat = config.data.text_feat = ""  # the arm's features come from stage 1 or not at all
-    result = compare.compare(config, [model], compare._SEEDS.value, os.path.join(workdir, arm))
+    result = compare.compare(config, [model], flags.FLAGS.seeds, os.path.join(workdir, arm))
     merged["models"][arm] = result["models"][model]
   table = compare.markdown_table(merged)
   atomic.write_text(os.path.join(workdir, "stage2_from_stage1.md"),

@@ -32,6 +32,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 FAIRSEQ_IDS = {BOS: 0, PAD: 1, EOS: 2, UNK: 3}  # fixed; <mask> follows the pieces
@@ -190,7 +191,7 @@ class Tokenizer:
   def encode(self, text: str, max_len: int) -> np.ndarray:
     """int32 `[max_len]`: `<s>` pieces... `</s>` then `<pad>`s; pieces beyond `max_len - 2` are dropped."""
     if max_len < 3:
-      raise ValueError(f"config.pretrain.max_text_len={max_len} must be >= 3 (<s>, one piece, </s>)")
+      raise ConfigError(f"config.pretrain.max_text_len={max_len} must be >= 3 (<s>, one piece, </s>)")
     ids = [k + FAIRSEQ_OFFSET if k else self.unk_id for k in self._sp.encode(text)][:max_len - 2]
     out = np.full([max_len], self.pad_id, np.int32)
     out[:len(ids) + 2] = [self.cls_id] + ids + [self.sep_id]

@@ -23,9 +23,11 @@ import numpy as np
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import protocols
+from alignrec_jax.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
 COLD_SPLITS = ("valid_cold", "test_cold")  # the cold-start protocol's splits (data/protocols.py)
+HELD_OUT_SPLITS = ("valid", "test") + COLD_SPLITS  # every split a run evaluates (the cold ones with cold items only)
 
 _WHERE_DATA_COMES_FROM = (
     "MMRec-format data (<name>.inter with userID/itemID/x_label columns, plus item features such as "
@@ -67,7 +69,7 @@ class RecData:
 
   def held_out_splits(self) -> tuple[str, ...]:
     """The evaluation splits this dataset has: valid, test, and the cold ones with cold-start items."""
-    return ("valid", "test") + (COLD_SPLITS if self.cold_items else ())
+    return HELD_OUT_SPLITS if self.cold_items else HELD_OUT_SPLITS[:2]
 
   def candidates(self, split: str):
     """The item ids that `split` is ranked over: None (every item) without cold-start items; else the warm items for
@@ -298,7 +300,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   (train/bridge.load_dataset)."""
   root = os.path.expanduser(data_config.root)
   if not data_config.name:
-    raise ValueError("config.data.name is empty: set it to the dataset name (the .inter file is <root>/<name>.inter)")
+    raise ConfigError("config.data.name is empty: set it to the dataset name (the .inter file is <root>/<name>.inter)")
   inter_path = _resolve(root, data_config.inter_file or f"{data_config.name}.inter")
   users, items, splits, lines = _read_inter(inter_path, data_config.user_field, data_config.item_field,
                                             data_config.split_field)
@@ -316,7 +318,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   train_users = np.zeros(n_users, bool)
   train_users[train[:, 0]] = True
   held_out = {}
-  for name in ("valid", "test") + (COLD_SPLITS if cold_items else ()):
+  for name in HELD_OUT_SPLITS if cold_items else HELD_OUT_SPLITS[:2]:
     rows = by_split[name]
     if data_config.filter_cold_start:
       cold = ~train_users[rows[:, 0]]

@@ -19,6 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
+from alignrec_jax.errors import ConfigError
+
 _COLD_STREAM = 1   # separate random streams of data.split_seed, so that one protocol does not shift the other
 _SPARSE_STREAM = 2
 
@@ -38,11 +40,11 @@ def hold_out_cold_items(splits: Mapping[str, np.ndarray], fraction: float,
     {"valid_cold", "test_cold"}: the sorted item ids dealt to each cold split.
   """
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f"config.data.cold_items={fraction!r} must lie strictly between 0 and 1")
+    raise ConfigError(f"config.data.cold_items={fraction!r} must lie strictly between 0 and 1")
   interacted = np.unique(np.concatenate([splits[s][:, 1] for s in ("train", "valid", "test")]))
   n_cold = int(np.floor(fraction * len(interacted) + 0.5))
   if n_cold < 2 or n_cold > len(interacted) - 1:
-    raise ValueError(f"config.data.cold_items={fraction!r} holds out {n_cold} of the {len(interacted)} items with "
+    raise ConfigError(f"config.data.cold_items={fraction!r} holds out {n_cold} of the {len(interacted)} items with "
                      "interactions: it must leave at least 2 cold items (one per cold split) and 1 warm item")
   rng = np.random.default_rng([seed, _COLD_STREAM])
   cold = rng.permutation(interacted)[:n_cold]  # the first half goes to valid_cold, the rest to test_cold
@@ -64,7 +66,7 @@ def hold_out_cold_items(splits: Mapping[str, np.ndarray], fraction: float,
 def keep_train_fraction(train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
   """A seeded `fraction` of each user's train rows (rounded half up, at least one), in their original order."""
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"config.data.train_fraction={fraction!r} must lie in (0, 1]")
+    raise ConfigError(f"config.data.train_fraction={fraction!r} must lie in (0, 1]")
   if fraction == 1.0 or not len(train):
     return train
   users = train[:, 0].astype(np.int64)

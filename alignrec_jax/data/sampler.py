@@ -13,6 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
+
 
 class BPRSampler:
   """Seeded, resumable BPR triplet sampler. The generator state is part of the training checkpoint."""
@@ -21,9 +24,9 @@ class BPRSampler:
     """train: [n_train, 2] (user, item) interactions; n_items: catalogue size."""
     train = np.asarray(train, np.int64)
     if train.ndim != 2 or train.shape[1] != 2 or not len(train):
-      raise ValueError(f"BPRSampler needs a non-empty [n, 2] array of (user, item) pairs, got shape {train.shape}")
+      raise ConfigError(f"BPRSampler needs a non-empty [n, 2] array of (user, item) pairs, got shape {train.shape}")
     if batch_size < 1:
-      raise ValueError(f"config.train.batch_size={batch_size} must be >= 1")
+      raise ConfigError(f"config.train.batch_size={batch_size} must be >= 1")
     self.users = train[:, 0]
     self.items = train[:, 1]
     self.n_items = int(n_items)
@@ -37,7 +40,7 @@ class BPRSampler:
     per_user = np.bincount(self.train_keys // self.n_items)
     full = np.flatnonzero(per_user >= len(self.candidates))
     if full.size:
-      raise ValueError(f"user {full[0]} has every train item in its train set: no negative item can be sampled")
+      raise DataError(f"user {full[0]} has every train item in its train set: no negative item can be sampled")
 
   @property
   def n_rows(self) -> int:
@@ -70,7 +73,7 @@ class BPRSampler:
     batches (same seed, same state) and keeps the shards of its own devices (train/parallel.py, `local_rows`).
     """
     if n_shards and self.batch_size % n_shards:
-      raise ValueError(f"config.train.batch_size={self.batch_size} must be divisible by the number of devices "
+      raise ConfigError(f"config.train.batch_size={self.batch_size} must be divisible by the number of devices "
                        f"({n_shards})")
     order = self.rng.permutation(self.n_rows)
     users, pos = self.users[order], self.items[order]

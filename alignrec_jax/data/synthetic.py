@@ -33,6 +33,8 @@ from PIL import Image, ImageDraw
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
 
 GENERATOR_VERSION = 1
 NAME = "default"
@@ -71,19 +73,19 @@ AFFINITY_FLOOR = 0.03  # P(user u picks item i) ~ popularity_i * (theta_u . z_i 
 def _check_sizes(sizes: dict) -> dict:
   unknown = sorted(set(sizes) - set(DEFAULT_SIZES))
   if unknown:
-    raise ValueError(f"unknown synthetic dataset size(s) {unknown}; known: {sorted(DEFAULT_SIZES)}")
+    raise ConfigError(f"unknown synthetic dataset size(s) {unknown}; known: {sorted(DEFAULT_SIZES)}")
   params = {**DEFAULT_SIZES, **{k: int(v) for k, v in sizes.items()}}
   if not 2 <= params["n_topics"] <= MAX_TOPICS:
-    raise ValueError(f"n_topics must be in [2, {MAX_TOPICS}], got {params['n_topics']}")
+    raise ConfigError(f"n_topics must be in [2, {MAX_TOPICS}], got {params['n_topics']}")
   if params["n_users"] < 2:
-    raise ValueError(f"n_users must be at least 2, got {params['n_users']}")
+    raise ConfigError(f"n_users must be at least 2, got {params['n_users']}")
   if params["n_items"] < 4 * params["n_topics"]:
-    raise ValueError(f"n_items must be at least 4 * n_topics = {4 * params['n_topics']}, got {params['n_items']}")
+    raise ConfigError(f"n_items must be at least 4 * n_topics = {4 * params['n_topics']}, got {params['n_items']}")
   if not 5 <= params["mean_interactions"] <= params["n_items"] // 3:
-    raise ValueError(f"mean_interactions must be in [5, n_items // 3 = {params['n_items'] // 3}], got "
+    raise ConfigError(f"mean_interactions must be in [5, n_items // 3 = {params['n_items'] // 3}], got "
                      f"{params['mean_interactions']}")
   if not 16 <= params["image_size"] <= 256:
-    raise ValueError(f"image_size must be in [16, 256], got {params['image_size']}")
+    raise ConfigError(f"image_size must be in [16, 256], got {params['image_size']}")
   return params
 
 
@@ -333,7 +335,7 @@ def ensure_synthetic_dataset(root: str, seed: int = 0, **sizes) -> str:
   if _read_marker(root) == wanted:
     return root
   if os.path.isdir(root) and os.listdir(root) and _read_marker(root) is None:
-    raise ValueError(f"{root} is not empty and holds no {MARKER} from this generator: refusing to replace it with "
+    raise DataError(f"{root} is not empty and holds no {MARKER} from this generator: refusing to replace it with "
                      "the synthetic dataset (choose another --config.data.root)")
   logging.info("Generating the synthetic dataset (seed %d, %s) into %s", seed, params, root)
   with atomic.atomic_dir(root) as tmp:  # an older version or an empty folder is replaced whole

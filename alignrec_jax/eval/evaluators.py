@@ -19,6 +19,7 @@ import ml_collections
 
 from alignrec_jax.data import mmrec
 from alignrec_jax.data.mmrec import RecData
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.eval import ranking
 
 Evaluate = Callable  # (user_emb [U, d], item_emb [I, d]) -> {metric: value}
@@ -37,7 +38,6 @@ def _ranking(data: RecData, ev: ml_collections.ConfigDict, spec: ml_collections.
 
 
 KINDS = {"ranking": _ranking}
-SPLITS = ("valid", "test") + mmrec.COLD_SPLITS
 
 
 def specs(data: RecData, config: ml_collections.ConfigDict) -> dict:
@@ -50,9 +50,9 @@ def specs(data: RecData, config: ml_collections.ConfigDict) -> dict:
   for split in data.held_out_splits():
     if split not in covered and split not in out:
       out[split] = ml_collections.ConfigDict(dict(kind="ranking", split=split))
-  select = config.eval.get("select_on", "valid")
+  select = config.eval.select_on
   if select not in out:  # e.g. the config's own evaluator of valid_cold goes by another name
-    raise ValueError(f"config.eval.select_on={select!r} names no evaluator of this run {tuple(out)}")
+    raise ConfigError(f"config.eval.select_on={select!r} names no evaluator of this run {tuple(out)}")
   return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.eval import ranking
 
 CLASSES = ("zero_shot", "item_cf", "mask_modality")
@@ -152,7 +153,7 @@ def masked_item_set(n_items: int, ratio: float, seed: int, path: str, reuse: str
   same items.
   """
   if not 0.0 < ratio < 1.0:
-    raise ValueError(f"config.probe.mask_ratio={ratio} must lie strictly between 0 and 1")
+    raise ConfigError(f"config.probe.mask_ratio={ratio} must lie strictly between 0 and 1")
   source = os.path.expanduser(reuse) if reuse else (path if os.path.isfile(path) else "")
   if source:
     perm = np.load(source)

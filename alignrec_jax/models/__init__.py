@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from alignrec_jax.errors import ConfigError
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -48,7 +50,7 @@ class Recommender:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.batch_size = int(config.train.batch_size)
-    self.propagation = config.model.get("propagation", "segment_sum")
+    self.propagation = config.model.propagation
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -106,7 +108,7 @@ def get_model(name: str) -> type:
   """The model class registered as `name` (config.model.name)."""
   _import_builtin_models()
   if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r} (config.model.name); registered: {sorted(_REGISTRY)}")
+    raise ConfigError(f"unknown model {name!r} (config.model.name); registered: {sorted(_REGISTRY)}")
   return _REGISTRY[name]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.data.mmrec import RecData
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import cca
 from alignrec_jax.losses import uia
 from alignrec_jax.models import Recommender
@@ -61,19 +62,19 @@ class AlignRec(Recommender):
   def __init__(self, config: ml_collections.ConfigDict):
     m = config.model
     if m.sim_target not in ("current", "frozen"):
-      raise ValueError(f"config.model.sim_target={m.sim_target!r}: expected 'current' or 'frozen'")
+      raise ConfigError(f"config.model.sim_target={m.sim_target!r}: expected 'current' or 'frozen'")
     if m.propagation not in graph_lib.PROPAGATION_METHODS:
-      raise ValueError(f"config.model.propagation={m.propagation!r}: expected one of "
+      raise ConfigError(f"config.model.propagation={m.propagation!r}: expected one of "
                        f"{graph_lib.PROPAGATION_METHODS}")
     for key in ("embedding_size", "knn_k"):
       if m[key] < 1:
-        raise ValueError(f"config.model.{key}={m[key]} must be >= 1")
+        raise ConfigError(f"config.model.{key}={m[key]} must be >= 1")
     super().__init__(config)
 
   def build_inputs(self, data: RecData) -> AlignRecInputs:
     """Graphs and the feature table of `data` (features["image"], AlignRec's single fused feature slot)."""
     if "image" not in data.features:
-      raise ValueError("AlignRec needs an item feature table: set config.data.image_feat (or data.features_from); "
+      raise ConfigError("AlignRec needs an item feature table: set config.data.image_feat (or data.features_from); "
                        f"dataset {data.name!r} has features {sorted(data.features)}")
     features = np.asarray(data.features["image"], np.float32)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from alignrec_jax.data.content import normalize_images  # noqa: F401  (mmenc.normalize_images: the input)
+from alignrec_jax.errors import ConfigError
 
 # layers, hidden, heads, FFN width. tiny = the shapes of the committed torchscale fixture (tests/fixtures); small =
 # a CPU size with more capacity (configs/ml100k_posters.py); base and large = the released BEiT-3 models.
@@ -323,10 +324,10 @@ class MMEnc(nn.Module):
 
   def setup(self):
     if self.image_size % self.patch_size:
-      raise ValueError(f"config.pretrain.image_size={self.image_size} must be a multiple of patch_size="
+      raise ConfigError(f"config.pretrain.image_size={self.image_size} must be a multiple of patch_size="
                        f"{self.patch_size}")
     if not 0 <= self.vl_ffn_layers <= self.layers:
-      raise ValueError(f"config.pretrain.vl_ffn_layers={self.vl_ffn_layers} must lie in [0, layers={self.layers}]")
+      raise ConfigError(f"config.pretrain.vl_ffn_layers={self.vl_ffn_layers} must lie in [0, layers={self.layers}]")
     if self.hidden % self.heads:
       raise ValueError(f"hidden={self.hidden} must be a multiple of heads={self.heads}")
     self.beit3 = BEiT3(self.vocab_size, self.image_size, self.patch_size, self.max_text_len, self.layers,
@@ -405,7 +406,7 @@ class MMEnc(nn.Module):
 def make_mmenc(pretrain_config, vocab_size: int, pad_id: int) -> MMEnc:
   """The encoder that `config.pretrain` describes (size preset + image/patch/text lengths)."""
   if pretrain_config.size not in SIZES:
-    raise ValueError(f"config.pretrain.size={pretrain_config.size!r} is not one of {sorted(SIZES)}")
+    raise ConfigError(f"config.pretrain.size={pretrain_config.size!r} is not one of {sorted(SIZES)}")
   return MMEnc(vocab_size=vocab_size, pad_id=pad_id, image_size=pretrain_config.image_size,
                patch_size=pretrain_config.patch_size, max_text_len=pretrain_config.max_text_len,
                dropout=pretrain_config.dropout, vl_ffn_layers=pretrain_config.get("vl_ffn_layers", 0),

@@ -19,6 +19,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from alignrec_jax.errors import ConfigError
+
 BLOCK_ROWS = 2048  # query rows per similarity block: memory O(BLOCK_ROWS * n_anchors)
 
 
@@ -105,10 +107,10 @@ class ColdStart:
 def cold_start(model, data, config) -> Optional[ColdStart]:
   """The ColdStart of config.model.cold_start for `model` on `data` (None for 'own'); `data` must still hold the
   features. ValueError for an ID-only model, which has no content to find neighbours by."""
-  if config.model.get("cold_start", "own") != "neighbours":
+  if config.model.cold_start != "neighbours":
     return None
   slots = model.content_slots(data)
   if not slots:
-    raise ValueError(f"config.model.cold_start='neighbours' needs a content model; {config.model.name!r} scores items "
+    raise ConfigError(f"config.model.cold_start='neighbours' needs a content model; {config.model.name!r} scores items "
                      "by their ID embedding alone (set model.cold_start='own')")
   return ColdStart(data, slots, int(config.model.knn_k))

@@ -22,6 +22,7 @@ from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
 from alignrec_jax.data import synthetic
 from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import distributed
 from alignrec_jax.train import state as state_lib
 
@@ -50,7 +51,7 @@ def save_feature_table(workdir: str, tables: Mapping[str, np.ndarray]) -> None:
     raise ValueError(f"feature tables must all be [n_items, d] of one shape, got {[v.shape for v in arrays.values()]}")
   for name, table in arrays.items():
     if not np.isfinite(table).all():
-      raise ValueError(f"the {name!r} feature table holds NaN/Inf values (diverged pre-training?)")
+      raise DataError(f"the {name!r} feature table holds NaN/Inf values (diverged pre-training?)")
   directory = features_dir(workdir)
   # Several processes (jax.distributed): process 0 alone clears and writes files; the orbax save is collective.
   main = distributed.is_main_process()
@@ -79,7 +80,7 @@ def has_feature_table(workdir: str, n_items: int) -> bool:
 def load_feature_table(workdir: str, n_items: int, variant: str = "full") -> np.ndarray:
   """The `[n_items, d]` float32 table `variant` of a stage-1 workdir, restored from its orbax checkpoint."""
   if variant not in VARIANTS:
-    raise ValueError(f"config.data.features_variant={variant!r} is not one of {VARIANTS}")
+    raise ConfigError(f"config.data.features_variant={variant!r} is not one of {VARIANTS}")
   directory = features_dir(workdir)
   hint = (f"run stage 1 first: python -m alignrec_jax.main --config=... --config.stage=extract "
           f"--workdir={os.path.abspath(workdir)}")

@@ -9,6 +9,8 @@ import numbers
 
 from alignrec_jax import models
 from alignrec_jax.data.mmrec import COLD_SPLITS
+from alignrec_jax.data.mmrec import HELD_OUT_SPLITS
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.eval import evaluators
 from alignrec_jax.eval import probes
 from alignrec_jax.eval import ranking
@@ -16,10 +18,6 @@ from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
 
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
 
 
 def _fail(key: str, value, why: str):
@@ -73,21 +71,21 @@ def check_eval(config) -> None:
   for f in ev.popularity_groups:
     if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < 1:
       _fail("eval.popularity_groups", tuple(ev.popularity_groups), "fractions must lie strictly between 0 and 1")
-  evals = config.get("evals", {})
+  evals = config.evals
   for name in ("valid", "test"):
     if name not in evals:
       _fail("evals", tuple(evals.keys()), f"must hold a {name!r} evaluator (early stopping and the report read it)")
   for name, spec in evals.items():
     if spec.get("kind") not in evaluators.KINDS:
       _fail(f"evals.{name}.kind", spec.get("kind"), f"must be one of {tuple(evaluators.KINDS)}")
-    if spec.get("split") not in evaluators.SPLITS:
-      _fail(f"evals.{name}.split", spec.get("split"), f"must be one of {evaluators.SPLITS}")
-    if spec.get("split") in COLD_SPLITS and not config.data.get("cold_items", 0.0):
+    if spec.get("split") not in HELD_OUT_SPLITS:
+      _fail(f"evals.{name}.split", spec.get("split"), f"must be one of {HELD_OUT_SPLITS}")
+    if spec.get("split") in COLD_SPLITS and not config.data.cold_items:
       _fail(f"evals.{name}.split", spec.get("split"), "needs cold-start items: set --config.data.cold_items, e.g. 0.2")
-  select = ev.get("select_on", "valid")
+  select = ev.select_on
   if select not in ("valid", "valid_cold"):
     _fail("eval.select_on", select, "must be 'valid' or 'valid_cold' (a test split never selects the model)")
-  if select == "valid_cold" and not config.data.get("cold_items", 0.0):
+  if select == "valid_cold" and not config.data.cold_items:
     _fail("eval.select_on", select, "needs cold-start items: set --config.data.cold_items, e.g. 0.2")
 
 
@@ -97,13 +95,13 @@ def check_protocols(config) -> None:
     _fail("data.cold_items", config.data.cold_items, "must lie in [0, 1) (some items must stay warm to train on)")
   _number(config, "data.train_fraction", 0.0, 1.0)
   _int(config, "data.split_seed", 0)
-  if config.data.get("cold_inductive", False) and not config.data.get("cold_items", 0.0):
+  if config.data.cold_inductive and not config.data.cold_items:
     _fail("data.cold_inductive", config.data.cold_inductive, "needs cold-start items: set --config.data.cold_items, "
           "e.g. 0.2")
-  if config.model.get("cold_start", "own") not in ("own", "neighbours"):
+  if config.model.cold_start not in ("own", "neighbours"):
     _fail("model.cold_start", config.model.cold_start, "must be 'own' (the model's vectors) or 'neighbours' (the "
           "mean of the most similar trained items' vectors)")
-  if config.model.get("cold_start", "own") == "neighbours" and config.model.name in models.registered():
+  if config.model.cold_start == "neighbours" and config.model.name in models.registered():
     if models.get_model(config.model.name).content_slots is models.Recommender.content_slots:
       _fail("model.cold_start", "neighbours", f"needs a content model; {config.model.name!r} scores items by their "
             "ID embedding alone (keep model.cold_start='own')")
@@ -128,7 +126,7 @@ def check_stage2(config) -> None:
   _int(config, "model.embedding_size", 1)
   if not config.data.name:
     _fail("data.name", config.data.name, "is empty: set the dataset name (the .inter file is <root>/<name>.inter)")
-  if not isinstance(config.data.get("drop_duplicates", False), bool):
+  if not isinstance(config.data.drop_duplicates, bool):
     _fail("data.drop_duplicates", config.data.drop_duplicates, "must be True or False")
   if config.data.features_variant not in bridge.VARIANTS:
     _fail("data.features_variant", config.data.features_variant, f"must be one of {tuple(bridge.VARIANTS)}")

@@ -11,6 +11,8 @@ from typing import Optional
 
 from absl import logging
 
+from alignrec_jax.errors import ConfigError
+
 # jax is imported inside the functions: entry points import this module to set the XLA flags (configure_xla) while
 # they stay free of JAX, so that --help answers at once
 
@@ -51,10 +53,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   import jax
   if coordinator_address or (num_processes or 1) > 1:
     if not (coordinator_address and num_processes and process_id is not None):
-      raise ValueError("a multi-process run needs all of --coordinator_address (host:port), --num_processes and "
+      raise ConfigError("a multi-process run needs all of --coordinator_address (host:port), --num_processes and "
                        f"--process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id} must lie in [0, {num_processes})")
+      raise ConfigError(f"--process_id={process_id} must lie in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
   elif _cluster_wants_distributed(environ):
     jax.distributed.initialize()  # the cluster's environment names the coordinator and this process

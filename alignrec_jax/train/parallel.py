@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from alignrec_jax.errors import ConfigError
+
 AXIS = "batch"
 
 
@@ -35,7 +37,7 @@ def local_devices(num_devices: int = 0) -> list:
   """The first `num_devices` local devices (0 = all of them); single-process pmaps (benches)."""
   devices = jax.local_devices()
   if num_devices < 0 or num_devices > len(devices):
-    raise ValueError(f"config.train.num_devices={num_devices}, but this process has {len(devices)} local device(s) "
+    raise ConfigError(f"config.train.num_devices={num_devices}, but this process has {len(devices)} local device(s) "
                      f"(0 = all)")
   return devices[:num_devices or len(devices)]
 
@@ -48,7 +50,7 @@ def train_devices(num_devices: int = 0) -> list:
     return local
   local = jax.local_devices()
   if num_devices not in (0, len(local)):
-    raise ValueError(f"config.train.num_devices={num_devices}: a multi-process run ({jax.process_count()} processes)"
+    raise ConfigError(f"config.train.num_devices={num_devices}: a multi-process run ({jax.process_count()} processes)"
                      f" uses every local device of every process; set it to 0 (or {len(local)})")
   return global_devices()
 

@@ -34,6 +34,8 @@ import optax
 from alignrec_jax.data import atomic
 from alignrec_jax.data import content
 from alignrec_jax.data import synthetic
+from alignrec_jax.data.mmrec import DataError
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
@@ -56,10 +58,10 @@ def items_path(config) -> str:
 
 def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   """The tokenizer and every item's arrays {"image" uint8 [n, s, s, 3], "tokens" int32 [n, L]}."""
-  if config.data.get("synthetic", False):
+  if config.data.synthetic:
     synthetic.ensure_synthetic_dataset(os.path.expanduser(config.data.root))
   tokenizer, source = content.prepare_content(config.pretrain, items_path(config), workdir,
-                                              config.data.get("tokenizer", ""))
+                                              config.data.tokenizer)
   return tokenizer, content.load_all(source)
 
 
@@ -83,10 +85,10 @@ def make_optimizer(pre, total_steps: int) -> optax.GradientTransformation:
 
 def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
   if pre.mim_target not in ica.MIM_TARGETS:
-    raise ValueError(f"config.pretrain.mim_target={pre.mim_target!r} is not one of {sorted(ica.MIM_TARGETS)}")
+    raise ConfigError(f"config.pretrain.mim_target={pre.mim_target!r} is not one of {sorted(ica.MIM_TARGETS)}")
   return dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
               mlm_weight=pre.mlm_weight, mim_weight=pre.mim_weight, itc_weight=pre.itc_weight,
-              itc_temperature=pre.get("itc_temperature", 0.07), cls_bow_weight=pre.get("cls_bow_weight", 0.0),
+              itc_temperature=pre.itc_temperature, cls_bow_weight=pre.cls_bow_weight,
               mim_target=ica.MIM_TARGETS[pre.mim_target],
               mask_id=tokenizer.mask_id, special_ids=tokenizer.special_ids)
 
@@ -196,9 +198,9 @@ def _pretrain(config, workdir: str) -> dict:
   devices = parallel.train_devices(config.train.num_devices)
   n_dev = len(devices)
   if pre.batch_size % n_dev:
-    raise ValueError(f"config.pretrain.batch_size={pre.batch_size} must be divisible by the {n_dev} devices")
+    raise ConfigError(f"config.pretrain.batch_size={pre.batch_size} must be divisible by the {n_dev} devices")
   if pre.batch_size > n_items:
-    raise ValueError(f"config.pretrain.batch_size={pre.batch_size} exceeds the {n_items} items")
+    raise ConfigError(f"config.pretrain.batch_size={pre.batch_size} exceeds the {n_items} items")
   model = mmenc.make_mmenc(pre, encoder_vocab_size(pre, tokenizer), tokenizer.pad_id)
   stage = Pretraining(config, model, tokenizer, items, n_dev)
   params = init_params(model, jax.random.key(config.seed))
@@ -212,12 +214,12 @@ def _pretrain(config, workdir: str) -> dict:
       start, restored, meta = newest
       params, opt_state = restored.pop("params"), restored.pop("opt_state")
       if meta.get("tokenizer") != tokenizer.fingerprint():
-        raise ValueError(f"{ckpt.directory}: the checkpoint was trained with another tokenizer than "
+        raise DataError(f"{ckpt.directory}: the checkpoint was trained with another tokenizer than "
                          f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
       meta["steps"] = start
       logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, ckpt.directory)
     else:
-      if pre.get("init_from", ""):
+      if pre.init_from:
         loaded, source = init_from.load(os.path.expanduser(pre.init_from), model)
         params = init_from.apply(params, loaded)
         del loaded  # the loaded host copy; the parameters hold their own
@@ -250,7 +252,7 @@ def _summary(meta: dict) -> dict:
 def encoder_vocab_size(pre, tokenizer: content.Tokenizer) -> int:
   """Rows of the encoder's text embedding: the tokenizer's ids, or with `init_from` the converted checkpoint's rows
   (BEiT-3's 64,010 rows hold beit3.spm's 64,002 ids; the last rows are never produced by the tokenizer)."""
-  if not pre.get("init_from", ""):
+  if not pre.init_from:
     return len(tokenizer)
   rows = int(init_from.read_meta(os.path.expanduser(pre.init_from))["vocab_size"])
   if len(tokenizer) > rows:
@@ -268,7 +270,7 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
   with _checkpointer(workdir) as ckpt:
     step = ckpt.latest_step()
     if step is None:
-      raise ValueError(f"no pre-training checkpoint in {ckpt.directory}: run --config.stage=pretrain (or all) "
+      raise DataError(f"no pre-training checkpoint in {ckpt.directory}: run --config.stage=pretrain (or all) "
                        "with this --workdir first (pretrain.steps=0 saves the random initialisation)")
     state, _ = ckpt.restore(step, {"params": params, "opt_state": opt_state})
   return model, state["params"], step
@@ -347,7 +349,7 @@ def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.nda
   config_path = os.path.join(os.path.abspath(workdir), "pretrain", workdir_lib.CONFIG_NAME)
   meta_path = os.path.join(workdir, _FEATURES_META)
   if not os.path.isfile(config_path) or not os.path.isfile(meta_path):
-    raise ValueError(f"{workdir} holds no stage-1 encoder with an extracted table ({config_path} or {meta_path} is "
+    raise DataError(f"{workdir} holds no stage-1 encoder with an extracted table ({config_path} or {meta_path} is "
                      "missing)")
   with open(config_path, "r", encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
@@ -355,10 +357,10 @@ def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.nda
     extracted = json.load(f)
   tokenizer = content.Tokenizer.load(os.path.join(workdir, content.TOKENIZER_FILE))
   if tokenizer.fingerprint() != extracted.get("tokenizer"):
-    raise ValueError(f"{workdir}: its tokenizer is not the one its feature table was extracted with")
+    raise DataError(f"{workdir}: its tokenizer is not the one its feature table was extracted with")
   model, params, step = load_pretrained(config, workdir, tokenizer)
   if step != extracted.get("pretrain_step"):
-    raise ValueError(f"{workdir}: its latest stage-1 checkpoint is step {step}, its feature table was extracted at "
+    raise DataError(f"{workdir}: its latest stage-1 checkpoint is step {step}, its feature table was extracted at "
                      f"step {extracted.get('pretrain_step')}: the encoder that made the run's features is gone")
   table = content.read_items(path)
   pre = config.pretrain

@@ -34,6 +34,7 @@ import numpy as np
 
 from alignrec_jax.data import atomic
 from alignrec_jax.data import mmrec
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.eval import probes
 from alignrec_jax.eval import ranking
 from alignrec_jax.train import bridge
@@ -55,7 +56,7 @@ def parse_feature_spec(entry: str) -> tuple[str, str]:
       base = os.path.basename(os.path.normpath(spec))
       name = base[:-4] if base.endswith(".npy") else base
   if not name or not spec:
-    raise ValueError(f"config.probe.features entry {entry!r}: expected 'spec' or 'name=spec'")
+    raise ConfigError(f"config.probe.features entry {entry!r}: expected 'spec' or 'name=spec'")
   return name, spec
 
 
@@ -67,7 +68,7 @@ def load_feature_spec(spec: str, n_items: int, data_root: str, seed: int) -> dic
     except ValueError:
       dim = 0
     if dim < 1:
-      raise ValueError(f"config.probe.features entry {spec!r}: expected random:<width>, e.g. random:384")
+      raise ConfigError(f"config.probe.features entry {spec!r}: expected random:<width>, e.g. random:384")
     rng = np.random.default_rng([seed, dim])
     return {"full": rng.standard_normal((n_items, dim)).astype(np.float32)}
   path = os.path.expanduser(spec)
@@ -111,11 +112,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   probe_cfg, ev = config.probe, config.eval
   specs = [parse_feature_spec(e) for e in probe_cfg.features]
-  if not specs and config.data.get("features_from", ""):  # a stage-1 workdir: with its mask variants
+  if not specs and config.data.features_from:  # a stage-1 workdir: with its mask variants
     specs = [parse_feature_spec(config.data.features_from)]
   names = [n for n, _ in specs]
   if len(set(names)) != len(names):
-    raise ValueError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
+    raise ConfigError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
 
   data_cfg = copy.deepcopy(config.data)
   if specs:  # the probed tables replace the dataset's own features: do not require those
@@ -135,7 +136,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sources[name] = spec
   else:
     if not data.features:
-      raise ValueError("nothing to probe: config.probe.features is empty and config.data loads no features")
+      raise ConfigError("nothing to probe: config.probe.features is empty and config.data loads no features")
     for slot, table in data.features.items():
       tables[slot] = {"full": table}
       sources[slot] = f"config.data ({slot} slot)"
@@ -150,7 +151,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "mask_modality" in probe_cfg.classes:
     mask_path = os.path.join(workdir, "mask_items.npy")
     masked = probes.masked_item_set(data.n_items, probe_cfg.mask_ratio, config.seed, mask_path,
-                             probe_cfg.get("mask_items", ""))
+                             probe_cfg.mask_items)
     results["mask_items"] = os.path.abspath(mask_path)
 
   for name, variants in tables.items():

@@ -57,7 +57,7 @@ def _fresh_meta() -> dict:
 def _results(meta: dict, config) -> dict:
   return {"best_epoch": meta["best_epoch"], "valid": meta["best_valid"], "test": meta["best_test"],
           **meta.get("best_others", {}),
-          "valid_metric": config.eval.valid_metric, "select_on": config.eval.get("select_on", "valid"),
+          "valid_metric": config.eval.valid_metric, "select_on": config.eval.select_on,
           "epochs_run": meta["epoch"] + 1,
           "stopped_early": meta["stopped_early"], "history": meta["history"]}
 
@@ -112,7 +112,7 @@ class Recommending(loop.Stage):
     eval_s = time.time() - t0
 
     key = self.config.eval.valid_metric
-    select = self.config.eval.get("select_on", "valid")
+    select = self.config.eval.select_on
     value = scores[select][key]
     others = {f"{name}_{key}": s[key] for name, s in scores.items() if name not in ("valid", "test")}
     improved = value > meta["best_value"]

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import distributed
 
 
@@ -133,7 +134,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep_latest: int = 1, label: str = "checkpoint", create: bool = True):
     if keep_latest < 1:
-      raise ValueError(f"config.train.keep_checkpoints={keep_latest} must be >= 1")
+      raise ConfigError(f"config.train.keep_checkpoints={keep_latest} must be >= 1")
     self.directory = os.path.abspath(directory)
     self.keep_latest = keep_latest
     self.label = label

@@ -115,12 +115,13 @@ def locked(workdir: str, main_process: bool = True):
       os.close(fd)
 
 
-def _flatten(tree, prefix: str = "") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
+  """{dotted key: leaf} of nested dicts."""
   out = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
     if isinstance(value, dict):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
@@ -132,7 +133,7 @@ def _matches(key: str, patterns) -> bool:
 
 def resolved_config(config) -> dict:
   """The config as flat {"section.key": JSON value} (tuples become lists, as on disk)."""
-  return _flatten(json.loads(config.to_json_best_effort()))
+  return flatten(json.loads(config.to_json_best_effort()))
 
 
 def _compared(flat: dict, stage: int) -> dict:
@@ -172,7 +173,7 @@ def _check(config, directory: str, stage: int) -> bool:
     else:
       try:
         with open(path, "r", encoding="utf-8") as f:
-          stored = _compared(_flatten(json.load(f)), stage)
+          stored = _compared(flatten(json.load(f)), stage)
       except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} is unreadable ({e}); use a fresh --workdir") from None
       # keys only one side has (added or removed by a code update) keep their old behaviour: not compared

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from alignrec_jax import graph as graph_lib
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.models import default_configs  # noqa: F401  (configs/base.py reads it here)
 from alignrec_jax.models import Recommender
 from alignrec_jax.models.aggregator import torch_linear_init
@@ -40,7 +41,7 @@ def hparams(config: ml_collections.ConfigDict, name: str, defaults: ml_collectio
   if given is not None:
     for key, value in given.items():
       if key not in hp:
-        raise ValueError(f"config.model.{name}.{key}: unknown hyper-parameter of model {name!r}; known: "
+        raise ConfigError(f"config.model.{name}.{key}: unknown hyper-parameter of model {name!r}; known: "
                          f"{sorted(hp.keys())}")
       hp[key] = value
   if "embedding_size" not in hp:
@@ -57,7 +58,7 @@ def modalities(data) -> list:
 def require_modalities(data, model: str) -> list:
   found = modalities(data)
   if not found:
-    raise ValueError(f"model {model!r} needs item features: set config.data.image_feat and/or config.data.text_feat "
+    raise ConfigError(f"model {model!r} needs item features: set config.data.image_feat and/or config.data.text_feat "
                      f"(dataset {data.name!r} has none)")
   return found
 
@@ -189,7 +190,7 @@ class Baseline(Recommender):
     super().__init__(config)
     self.hp = hparams(config, self.name, self.default_config())
     if self.hp.embedding_size < 1:
-      raise ValueError(f"config.model.embedding_size={self.hp.embedding_size} must be >= 1")
+      raise ConfigError(f"config.model.embedding_size={self.hp.embedding_size} must be >= 1")
     self.seed = int(config.seed)
 
   def loss(self, params: dict, inputs, batch: dict, axis_name: Optional[str] = None):

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from alignrec_jax import graph as graph_lib
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import uia
-from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models import register
 from alignrec_jax.models.batch import whole_batch
 
 
@@ -75,7 +76,7 @@ class BM3(B.Baseline):
   def __init__(self, config):
     super().__init__(config)
     if not 0.0 <= self.hp.dropout < 1.0:
-      raise ValueError(f"config.model.bm3.dropout={self.hp.dropout} must lie in [0, 1)")
+      raise ConfigError(f"config.model.bm3.dropout={self.hp.dropout} must lie in [0, 1)")
 
   def content_slots(self, data) -> tuple[str, ...]:
     return ("text",) if self.hp.text_only else tuple(slot for slot, _, _ in B.modalities(data))
@@ -85,7 +86,7 @@ class BM3(B.Baseline):
     if self.hp.text_only:
       found = [m for m in found if m[0] == "text"]
       if not found:
-        raise ValueError(f"config.model.bm3.text_only=True needs text features: set config.data.text_feat "
+        raise ConfigError(f"config.model.bm3.text_only=True needs text features: set config.data.text_feat "
                          f"(dataset {data.name!r} has only {sorted(data.features)})")
     adj, _ = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
     return BM3Inputs(adj=adj, features={slot: jnp.asarray(f) for slot, _, f in found},

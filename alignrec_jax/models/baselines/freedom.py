@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignrec_jax import graph as graph_lib
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import uia
-from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models import register
 from alignrec_jax.models.batch import whole_batch
 
 
@@ -110,11 +111,11 @@ class Freedom(B.Baseline):
   def __init__(self, config):
     super().__init__(config)
     if not 0.0 <= self.hp.dropout < 1.0:
-      raise ValueError(f"config.model.freedom.dropout={self.hp.dropout} must lie in [0, 1)")
+      raise ConfigError(f"config.model.freedom.dropout={self.hp.dropout} must lie in [0, 1)")
     if not 0.0 <= self.hp.mm_image_weight <= 1.0:
-      raise ValueError(f"config.model.freedom.mm_image_weight={self.hp.mm_image_weight} must lie in [0, 1]")
+      raise ConfigError(f"config.model.freedom.mm_image_weight={self.hp.mm_image_weight} must lie in [0, 1]")
     if self.hp.knn_k < 1:
-      raise ValueError(f"config.model.freedom.knn_k={self.hp.knn_k} must be >= 1")
+      raise ConfigError(f"config.model.freedom.knn_k={self.hp.knn_k} must be >= 1")
 
   def content_slots(self, data) -> tuple[str, ...]:
     return tuple(slot for slot, _, _ in B.modalities(data))
@@ -149,7 +150,7 @@ class Freedom(B.Baseline):
     probs = np.asarray(inputs.edge_probs)
     n_keep = int(len(probs) * (1.0 - self.hp.dropout))
     if n_keep < 1:
-      raise ValueError(f"config.model.freedom.dropout={self.hp.dropout} keeps no edge of {len(probs)}")
+      raise ConfigError(f"config.model.freedom.dropout={self.hp.dropout} keeps no edge of {len(probs)}")
     keep = sample_kept_edges(rng, probs, n_keep)
     graph = pruned_user_item_graph(np.asarray(inputs.edge_users), np.asarray(inputs.edge_items), keep,
                                    inputs.n_users, inputs.n_items)

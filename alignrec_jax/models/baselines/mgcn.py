@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from alignrec_jax import graph as graph_lib
+from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import cca
 from alignrec_jax.losses import uia
-from alignrec_jax.models import register
 from alignrec_jax.models import baselines as B
+from alignrec_jax.models import register
 from alignrec_jax.models.batch import whole_batch
 
 
@@ -87,7 +88,7 @@ class MGCN(B.Baseline):
   def __init__(self, config):
     super().__init__(config)
     if self.hp.knn_k < 1:
-      raise ValueError(f"config.model.mgcn.knn_k={self.hp.knn_k} must be >= 1")
+      raise ConfigError(f"config.model.mgcn.knn_k={self.hp.knn_k} must be >= 1")
 
   def content_slots(self, data) -> tuple[str, ...]:
     return tuple(slot for slot, _, _ in B.modalities(data))
