@@ -59,7 +59,7 @@ from alignrec_jax.train import workdir as workdir_lib
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 COLD_TABLE_METRICS = ("recall@20", "ndcg@20")  # cold-start columns, after the warm ones
 # what a user fixes (an unknown model, --seeds=0, a busy or foreign workdir, a bad config value): one line, exit 1
-USER_ERRORS = (ConfigError, DataError, workdir_lib.WorkdirError, loop.DivergenceError, OSError)
+USER_ERRORS = (ConfigError, DataError, workdir_lib.WorkdirError, FloatingPointError, OSError)
 
 
 def define_flags() -> None:
@@ -139,7 +139,7 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
       shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in differ[:5])
       raise ConfigError(f"{workdir} holds a different run ({len(differ)} settings differ: {shown}"
-                       f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
+                        f"{', ...' if len(differ) > 5 else ''}): use another --workdir")
   else:
     atomic.write_json(id_path, identity)
   results_path = os.path.join(workdir, "results.json")
@@ -173,7 +173,7 @@ def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str
     results = train_once(config, model_name, seed, overrides, run_dir)
     if metric not in results.get("valid", {}):
       raise ConfigError(f"valid metric {metric!r} missing from {run_dir}/results.json (has "
-                       f"{sorted(results.get('valid', {}))}); set --select_metric or config.eval.topk")
+                        f"{sorted(results.get('valid', {}))}); set --select_metric or config.eval.topk")
     value = float(results["valid"][metric])
     summaries.append({"overrides": overrides, "workdir": run_dir, "best_epoch": results.get("best_epoch"),
                       f"valid_{metric}": value, "test": {k: results["test"].get(k) for k in TABLE_METRICS},

@@ -158,12 +158,8 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
   evaluation computes them: the model's `representations` on the built inputs, on the trainer's devices."""
   if data is None:
     data = bridge.load_dataset(config.data)
-  model = get_model(config.model.name)(config)
-  inputs = model.build_inputs(data)
-  params = model.init(jax.random.PRNGKey(config.seed), inputs)
-  inputs = model.inputs_after_init(inputs)
-  opt_state = stage2.make_optimizer(config).init(params)  # its structure is part of every checkpoint
-  directory = os.path.join(workdir, "checkpoints")
+  model, inputs, params, opt_state = stage2.build(config, data)
+  directory = stage2.checkpoint_dir(workdir)
   try:
     params, meta = state_lib.restore_best_params(directory, params, opt_state)
   except FileNotFoundError as e:

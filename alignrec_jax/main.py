@@ -36,7 +36,6 @@ from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
-from alignrec_jax.train import loop
 from alignrec_jax.train import pretrain
 from alignrec_jax.train import probe
 from alignrec_jax.train import stage2
@@ -173,11 +172,11 @@ def parse_flags(argv):
 
 
 def _user_errors() -> tuple:
-  """Exception types whose message is the whole story for a user: bad input, a busy workdir, a diverged run, the
-  machine's own limits (OSError: a full disk, a missing permission). Anything else is a bug: it prints its type and
-  points at --verbose."""
+  """Exception types whose message is the whole story for a user: bad input, a busy workdir, a diverged or NaN run
+  (the loop's FloatingPointErrors), the machine's own limits (OSError: a full disk, a missing permission). Anything
+  else is a bug: it prints its type and points at --verbose."""
   return (DataError, ConfigError, export.RunError, workdir_lib.WorkdirError, state_lib.CheckpointError,
-          loop.DivergenceError, OSError)
+          FloatingPointError, OSError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -213,7 +212,7 @@ def _main(FLAGS) -> None:
     if path and not os.path.isfile(path):
       raise FileNotFoundError(f"config file not found: {spec}") from None
     raise ConfigError(f"config file {spec} cannot be loaded: {type(e.__cause__ or e).__name__}: "
-                     f"{_one_line(e.__cause__ or e)}") from e
+                      f"{_one_line(e.__cause__ or e)}") from e
   workdir = os.path.expanduser(FLAGS.workdir)
   results = run(config, workdir)
   table = format_metrics_table(results) if main_process else ""

@@ -56,7 +56,7 @@ def load_results(workdir: str) -> dict:
     path = comparison
   if not os.path.isfile(path):
     raise ReportError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe) or of "
-                     "python -m alignrec_jax.compare (comparison.json)?")
+                      "python -m alignrec_jax.compare (comparison.json)?")
   try:
     with open(path, "r", encoding="utf-8") as f:
       results = json.load(f)

@@ -142,8 +142,7 @@ def main(argv):
   for arm, model, data_overrides in arms(config, workdir, data.n_items):
     arm_config = config.copy_and_resolve_references()
     with arm_config.unlocked():
-      arm_config.data.features_from = ""
-      arm_config.data.image_feat = arm_config.data.text_feat = ""
+      arm_config.data = mmrec.interactions_only(arm_config.data)
       arm_config.data.update(data_overrides)
     result = compare.compare(arm_config, [model], flags.FLAGS.seeds, os.path.join(workdir, arm))
     merged["models"][arm] = dict(result["models"][model], model=model, data=data_overrides)

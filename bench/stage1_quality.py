@@ -87,8 +87,7 @@ def main(argv):
       for key in ("mlm", "mim", "mlm_acc", "loss") + (("bow",) if run.pretrain.cls_bow_weight else ()):
         out[f"ica_{key}_first"] = round(summary["first"][key], 4)
         out[f"ica_{key}_last"] = round(summary["last"][key], 4)
-    run.data.image_feat = ""
-    data = mmrec.load_dataset(run.data)
+    data = mmrec.load_dataset(mmrec.interactions_only(run.data))
     splits = {split: ranking.make_eval_split(data, split) for split in ("valid", "test")}  # once per dataset load
     tables[name] = {v: bridge.load_feature_table(workdir, data.n_items, v) for v in bridge.VARIANTS}
     if name == "random":  # the text as a bag of words: the same items and tokenizer in both runs

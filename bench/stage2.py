@@ -160,7 +160,7 @@ def main(argv):
   config = base.get_base_config()
   config.data.name = "baby"
   config.data.root = _DATA.value
-  config.data.image_feat = ""
+  config.data = mmrec.interactions_only(config.data)
   data = mmrec.load_dataset(config.data) if _SCALE.value == "baby" else electronics_shaped()
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(data.n_items, _DIM.value)).astype(np.float32)

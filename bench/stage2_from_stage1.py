@@ -28,6 +28,7 @@ distributed.configure_xla()  # before JAX starts its backend: the package itself
 
 # compare's own flags (--config, --workdir, --seeds, and --config.* overrides) serve here too; --models is not used
 from alignrec_jax import compare  # noqa: E402
+from alignrec_jax.data import mmrec  # noqa: E402
 from alignrec_jax.data import atomic  # noqa: E402
 
 compare.define_flags()
@@ -56,8 +57,8 @@ def main(argv):
     config = flags.FLAGS.config.copy_and_resolve_references()
     with config.unlocked():
       config.stage = "train"
+      config.data = mmrec.interactions_only(config.data)  # the arm's features come from stage 1 or not at all
       config.data.features_from = source
-      config.data.image_feat = config.data.text_feat = ""  # the arm's features come from stage 1 or not at all
     result = compare.compare(config, [model], flags.FLAGS.seeds, os.path.join(workdir, arm))
     merged["models"][arm] = result["models"][model]
   table = compare.markdown_table(merged)

@@ -171,7 +171,7 @@ class Tokenizer:
     n_pieces = vocab_size - FAIRSEQ_OFFSET - 1  # sentencepiece's own <unk>/<s>/</s> included, <pad>/<mask> not
     if n_pieces <= 3:
       raise DataError(f"config.pretrain.vocab_size={vocab_size} leaves no room for pieces beside the special "
-                       "tokens")
+                      "tokens")
     model = io.BytesIO()
     sentencepiece.set_random_generator_seed(_TRAIN_SEED)
     try:

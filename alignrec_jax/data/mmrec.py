@@ -294,6 +294,16 @@ def _resolve(root: str, name: str) -> str:
   return name if os.path.isabs(name) else os.path.join(root, name)
 
 
+def interactions_only(data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the data section that loads no feature table (neither feature file nor stage-1 table): the
+  interactions and the protocols' split alone, for runs that bring their own features."""
+  out = data_config.copy_and_resolve_references()
+  with out.unlocked():
+    for key in ("image_feat", "text_feat", "features_from"):
+      out[key] = ""
+  return out
+
+
 def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   """Loads the dataset that `config.data` describes (see configs/base.py): the interactions and the feature files
   under `root`. The stage-1 table of `data.features_from` and the generated default data are the trainer's to add

@@ -45,7 +45,7 @@ def hold_out_cold_items(splits: Mapping[str, np.ndarray], fraction: float,
   n_cold = int(np.floor(fraction * len(interacted) + 0.5))
   if n_cold < 2 or n_cold > len(interacted) - 1:
     raise ConfigError(f"config.data.cold_items={fraction!r} holds out {n_cold} of the {len(interacted)} items with "
-                     "interactions: it must leave at least 2 cold items (one per cold split) and 1 warm item")
+                      "interactions: it must leave at least 2 cold items (one per cold split) and 1 warm item")
   rng = np.random.default_rng([seed, _COLD_STREAM])
   cold = rng.permutation(interacted)[:n_cold]  # the first half goes to valid_cold, the rest to test_cold
   half = n_cold // 2

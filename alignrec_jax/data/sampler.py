@@ -74,7 +74,7 @@ class BPRSampler:
     """
     if n_shards and self.batch_size % n_shards:
       raise ConfigError(f"config.train.batch_size={self.batch_size} must be divisible by the number of devices "
-                       f"({n_shards})")
+                        f"({n_shards})")
     order = self.rng.permutation(self.n_rows)
     users, pos = self.users[order], self.items[order]
     neg = self.negatives(users)

@@ -83,7 +83,7 @@ def _check_sizes(sizes: dict) -> dict:
     raise ConfigError(f"n_items must be at least 4 * n_topics = {4 * params['n_topics']}, got {params['n_items']}")
   if not 5 <= params["mean_interactions"] <= params["n_items"] // 3:
     raise ConfigError(f"mean_interactions must be in [5, n_items // 3 = {params['n_items'] // 3}], got "
-                     f"{params['mean_interactions']}")
+                      f"{params['mean_interactions']}")
   if not 16 <= params["image_size"] <= 256:
     raise ConfigError(f"image_size must be in [16, 256], got {params['image_size']}")
   return params
@@ -336,7 +336,7 @@ def ensure_synthetic_dataset(root: str, seed: int = 0, **sizes) -> str:
     return root
   if os.path.isdir(root) and os.listdir(root) and _read_marker(root) is None:
     raise DataError(f"{root} is not empty and holds no {MARKER} from this generator: refusing to replace it with "
-                     "the synthetic dataset (choose another --config.data.root)")
+                    "the synthetic dataset (choose another --config.data.root)")
   logging.info("Generating the synthetic dataset (seed %d, %s) into %s", seed, params, root)
   with atomic.atomic_dir(root) as tmp:  # an older version or an empty folder is replaced whole
     _build(tmp, seed, params)

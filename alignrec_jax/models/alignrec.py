@@ -65,7 +65,7 @@ class AlignRec(Recommender):
       raise ConfigError(f"config.model.sim_target={m.sim_target!r}: expected 'current' or 'frozen'")
     if m.propagation not in graph_lib.PROPAGATION_METHODS:
       raise ConfigError(f"config.model.propagation={m.propagation!r}: expected one of "
-                       f"{graph_lib.PROPAGATION_METHODS}")
+                        f"{graph_lib.PROPAGATION_METHODS}")
     for key in ("embedding_size", "knn_k"):
       if m[key] < 1:
         raise ConfigError(f"config.model.{key}={m[key]} must be >= 1")
@@ -75,7 +75,7 @@ class AlignRec(Recommender):
     """Graphs and the feature table of `data` (features["image"], AlignRec's single fused feature slot)."""
     if "image" not in data.features:
       raise ConfigError("AlignRec needs an item feature table: set config.data.image_feat (or data.features_from); "
-                       f"dataset {data.name!r} has features {sorted(data.features)}")
+                        f"dataset {data.name!r} has features {sorted(data.features)}")
     features = np.asarray(data.features["image"], np.float32)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
     item_item = graph_lib.knn_graph(features, int(self.config.model.knn_k), members=data.graph_members())

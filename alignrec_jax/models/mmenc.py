@@ -325,7 +325,7 @@ class MMEnc(nn.Module):
   def setup(self):
     if self.image_size % self.patch_size:
       raise ConfigError(f"config.pretrain.image_size={self.image_size} must be a multiple of patch_size="
-                       f"{self.patch_size}")
+                        f"{self.patch_size}")
     if not 0 <= self.vl_ffn_layers <= self.layers:
       raise ConfigError(f"config.pretrain.vl_ffn_layers={self.vl_ffn_layers} must lie in [0, layers={self.layers}]")
     if self.hidden % self.heads:

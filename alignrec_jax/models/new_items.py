@@ -112,5 +112,5 @@ def cold_start(model, data, config) -> Optional[ColdStart]:
   slots = model.content_slots(data)
   if not slots:
     raise ConfigError(f"config.model.cold_start='neighbours' needs a content model; {config.model.name!r} scores items "
-                     "by their ID embedding alone (set model.cold_start='own')")
+                      "by their ID embedding alone (set model.cold_start='own')")
   return ColdStart(data, slots, int(config.model.knn_k))

@@ -132,6 +132,7 @@ def check_stage2(config) -> None:
     _fail("data.features_variant", config.data.features_variant, f"must be one of {tuple(bridge.VARIANTS)}")
   check_protocols(config)
   check_eval(config)
+  models.get_model(config.model.name)(config)  # the model's own checks (its section, AlignRec's sim_target, ...)
 
 
 def check_stage1(config) -> None:

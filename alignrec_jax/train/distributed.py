@@ -54,7 +54,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   if coordinator_address or (num_processes or 1) > 1:
     if not (coordinator_address and num_processes and process_id is not None):
       raise ConfigError("a multi-process run needs all of --coordinator_address (host:port), --num_processes and "
-                       f"--process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
+                        f"--process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
     if not 0 <= process_id < num_processes:
       raise ConfigError(f"--process_id={process_id} must lie in [0, {num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)

@@ -58,11 +58,11 @@ class Stage:
     """The training inputs of this round (called only with `inputs_per_round`)."""
     return inputs
 
-  def where(self, round_: int, step: Optional[int]) -> str:
+  def position_name(self, round_: int, step: Optional[int]) -> str:
     """Names a position in messages: 'epoch 2, step 5' (step None: the round alone, 'epoch 2')."""
     return f"round {round_}" + ("" if step is None else f", step {step}")
 
-  def after(self, checkpoint_step: int) -> str:
+  def checkpoint_name(self, checkpoint_step: int) -> str:
     """Names what a checkpoint holds in messages ('after epoch 1')."""
     return f"after step {checkpoint_step}"
 
@@ -94,25 +94,26 @@ def _check_divergence(stage: Stage, meta: dict, round_: int, mean_loss: float, c
   if abs(mean_loss) > limit:
     last = ckpt.latest_step()
     raise DivergenceError(
-        f"the run diverged: {stage.where(round_, None)}'s mean loss {mean_loss:.4g} is above "
+        f"the run diverged: {stage.position_name(round_, None)}'s mean loss {mean_loss:.4g} is above "
         f"config.train.divergence_factor={stage.divergence_factor:g} x the first step's loss {reference:.4g}; stopped "
-        "without checkpointing it" + (f" (the last checkpoint, {stage.after(last)}, stays)" if last else "")
+        "without checkpointing it" + (f" (the last checkpoint, {stage.checkpoint_name(last)}, stays)" if last else "")
         + f": {stage.nan_hint}")
 
 
-def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, meta: dict) -> dict:
-  """Runs `stage`'s remaining rounds from carry = {"params", "opt_state", "inputs"} and `meta`, checkpointing each;
+def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpointer, meta: dict) -> dict:
+  """Runs `stage`'s remaining rounds from `train_state` {"params", "opt_state", "inputs"} and `meta`, checkpointing
+  each;
   returns the final meta.
 
-  `carry` is emptied: the caller keeps no host copy, and while the loop runs only the devices' copies of the
+  `train_state` is emptied: the caller keeps no host copy, and while the loop runs only the devices' copies of the
   parameters, optimiser state and inputs live (the host copy of the inputs only with `stage.inputs_per_round`)."""
   n_dev = len(devices)
   rows = parallel.local_rows(devices)  # this process's shards of each global batch
   step_fn = parallel.pmap_train_step(stage.loss, stage.tx, devices)
   representations_fn = {}
 
-  p_params, p_opt = parallel.put_replicated((carry.pop("params"), carry.pop("opt_state")), devices)
-  inputs = carry.pop("inputs")
+  p_params, p_opt = parallel.put_replicated((train_state.pop("params"), train_state.pop("opt_state")), devices)
+  inputs = train_state.pop("inputs")
   p_eval_inputs = p_inputs = parallel.put_replicated(inputs, devices)
   if not stage.inputs_per_round:
     inputs = None  # only the devices' copy is needed (the graphs and tables are the run's largest arrays)
@@ -138,10 +139,10 @@ def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, 
       metrics = jax.tree.map(float, parallel.get_replicated(jax.block_until_ready(metrics), devices))
       if not math.isfinite(metrics["loss"]):
         last = ckpt.latest_step()
-        raise FloatingPointError(
-            f"loss is {metrics['loss']} at {stage.where(round_, step)} (parts: {metrics}); stopped. The last good "
-            + (f"checkpoint ({stage.after(last)}) is kept in {ckpt.directory}" if last else
-               "state was never checkpointed (the first round failed)") + f": {stage.nan_hint}")
+        kept = (f"checkpoint ({stage.checkpoint_name(last)}) is kept in {ckpt.directory}" if last else
+                "state was never checkpointed (the first round failed)")
+        raise FloatingPointError(f"loss is {metrics['loss']} at {stage.position_name(round_, step)} (parts: "
+                                 f"{metrics}); stopped. The last good {kept}: {stage.nan_hint}")
       if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
         meta["first_loss"] = metrics["loss"]
       for k, v in metrics.items():
@@ -170,7 +171,7 @@ def fit(stage: Stage, carry: dict, devices: list, ckpt: state_lib.Checkpointer, 
     ckpt.save(checkpoint_step, parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices), meta)
     if line:
       rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
-      logging.info("%s %s: %s%s", stage.name, stage.where(round_, None), line,
+      logging.info("%s %s: %s%s", stage.name, stage.position_name(round_, None), line,
                    f" | ETA {_eta((total - meta['steps']) / rate)} at most" if total and not stop else "")
     if stop:
       break

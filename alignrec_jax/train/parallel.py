@@ -38,7 +38,7 @@ def local_devices(num_devices: int = 0) -> list:
   devices = jax.local_devices()
   if num_devices < 0 or num_devices > len(devices):
     raise ConfigError(f"config.train.num_devices={num_devices}, but this process has {len(devices)} local device(s) "
-                     f"(0 = all)")
+                      f"(0 = all)")
   return devices[:num_devices or len(devices)]
 
 
@@ -51,7 +51,7 @@ def train_devices(num_devices: int = 0) -> list:
   local = jax.local_devices()
   if num_devices not in (0, len(local)):
     raise ConfigError(f"config.train.num_devices={num_devices}: a multi-process run ({jax.process_count()} processes)"
-                     f" uses every local device of every process; set it to 0 (or {len(local)})")
+                      f" uses every local device of every process; set it to 0 (or {len(local)})")
   return global_devices()
 
 

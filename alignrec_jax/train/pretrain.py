@@ -84,8 +84,6 @@ def make_optimizer(pre, total_steps: int) -> optax.GradientTransformation:
 
 
 def _loss_kwargs(pre, tokenizer: content.Tokenizer) -> dict:
-  if pre.mim_target not in ica.MIM_TARGETS:
-    raise ConfigError(f"config.pretrain.mim_target={pre.mim_target!r} is not one of {sorted(ica.MIM_TARGETS)}")
   return dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
               mlm_weight=pre.mlm_weight, mim_weight=pre.mim_weight, itc_weight=pre.itc_weight,
               itc_temperature=pre.itc_temperature, cls_bow_weight=pre.cls_bow_weight,
@@ -166,7 +164,7 @@ class Pretraining(loop.Stage):
       batch["key"] = device_keys(self.base_key, step, n_devices)
       yield {k: v[rows] for k, v in batch.items()}
 
-  def where(self, round_: int, step) -> str:
+  def position_name(self, round_: int, step) -> str:
     return f"step {round_ * self.every + (step or 0) + 1}"
 
   def log_window(self, row: dict, steps_per_s: float, meta: dict) -> None:
@@ -215,7 +213,7 @@ def _pretrain(config, workdir: str) -> dict:
       params, opt_state = restored.pop("params"), restored.pop("opt_state")
       if meta.get("tokenizer") != tokenizer.fingerprint():
         raise DataError(f"{ckpt.directory}: the checkpoint was trained with another tokenizer than "
-                         f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
+                        f"{workdir}/{content.TOKENIZER_FILE}; use a fresh --workdir")
       meta["steps"] = start
       logging.info("pretrain: resuming from step %d of %d (%s)", start, pre.steps, ckpt.directory)
     else:
@@ -236,9 +234,9 @@ def _pretrain(config, workdir: str) -> dict:
     if meta["steps"] >= pre.steps:
       logging.info("pretrain: %d steps already done in %s", meta["steps"], ckpt.directory)
       return _summary(meta)
-    carry = {"params": params, "opt_state": opt_state, "inputs": None}  # fit empties it: no host copy stays
+    train_state = {"params": params, "opt_state": opt_state, "inputs": None}  # fit empties it: no host copy stays
     del params, opt_state
-    meta = loop.fit(stage, carry, devices, ckpt, meta)
+    meta = loop.fit(stage, train_state, devices, ckpt, meta)
   if distributed.is_main_process():
     atomic.write_json(os.path.join(workdir, "pretrain_history.json"), meta["history"])
   return _summary(meta)
@@ -271,7 +269,7 @@ def load_pretrained(config, workdir: str, tokenizer: content.Tokenizer) -> tuple
     step = ckpt.latest_step()
     if step is None:
       raise DataError(f"no pre-training checkpoint in {ckpt.directory}: run --config.stage=pretrain (or all) "
-                       "with this --workdir first (pretrain.steps=0 saves the random initialisation)")
+                      "with this --workdir first (pretrain.steps=0 saves the random initialisation)")
     state, _ = ckpt.restore(step, {"params": params, "opt_state": opt_state})
   return model, state["params"], step
 
@@ -350,7 +348,7 @@ def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.nda
   meta_path = os.path.join(workdir, _FEATURES_META)
   if not os.path.isfile(config_path) or not os.path.isfile(meta_path):
     raise DataError(f"{workdir} holds no stage-1 encoder with an extracted table ({config_path} or {meta_path} is "
-                     "missing)")
+                    "missing)")
   with open(config_path, "r", encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(meta_path, "r", encoding="utf-8") as f:
@@ -361,7 +359,7 @@ def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.nda
   model, params, step = load_pretrained(config, workdir, tokenizer)
   if step != extracted.get("pretrain_step"):
     raise DataError(f"{workdir}: its latest stage-1 checkpoint is step {step}, its feature table was extracted at "
-                     f"step {extracted.get('pretrain_step')}: the encoder that made the run's features is gone")
+                    f"step {extracted.get('pretrain_step')}: the encoder that made the run's features is gone")
   table = content.read_items(path)
   pre = config.pretrain
   images = np.stack([content.load_image(image, pre.image_size, f"{path}, line {line}")

@@ -93,10 +93,9 @@ def _stage2(config, workdir: str, feature_path: str) -> dict:
   cfg = copy.deepcopy(config)
   with cfg.unlocked():
     cfg.stage = "train"
+    cfg.data = mmrec.interactions_only(cfg.data)
     cfg.data.synthetic = False  # the probe already generated/loaded the data
-    cfg.data.features_from = ""
     cfg.data.image_feat = os.path.abspath(feature_path)
-    cfg.data.text_feat = ""
   result = stage2.run(cfg, workdir)
   return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
           "workdir": os.path.abspath(workdir)}
@@ -118,11 +117,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(set(names)) != len(names):
     raise ConfigError(f"config.probe.features: duplicate feature names {names}; name them as 'name=spec'")
 
-  data_cfg = copy.deepcopy(config.data)
-  if specs:  # the probed tables replace the dataset's own features: do not require those
-    with data_cfg.unlocked():
-      data_cfg.image_feat, data_cfg.text_feat, data_cfg.features_from = "", "", ""
-  data = bridge.load_dataset(data_cfg)
+  # the probed tables replace the dataset's own features: do not require those
+  data = bridge.load_dataset(mmrec.interactions_only(config.data) if specs else config.data)
   logging.info("probe on %s", data.summary())
   # with cold-start items: the cold splits too, each ranked over its candidates (masking the other items)
   splits = {name: ranking.over_all_items(data, ranking.make_eval_split(data, name))

@@ -95,10 +95,10 @@ class Recommending(loop.Stage):
     # keyed by (seed, epoch) so that a resumed run draws the same; evaluation keeps `inputs`
     return self.model.epoch_inputs(inputs, jax.random.fold_in(jax.random.PRNGKey(self.config.seed), round_), round_)
 
-  def where(self, round_: int, step) -> str:
+  def position_name(self, round_: int, step) -> str:
     return f"epoch {round_}" + ("" if step is None else f", step {step}")
 
-  def after(self, checkpoint_step: int) -> str:
+  def checkpoint_name(self, checkpoint_step: int) -> str:
     return f"after epoch {checkpoint_step - 1}"
 
   def end_round(self, round_: int, means: dict, meta: dict, representations) -> tuple[int, bool, str]:
@@ -158,28 +158,34 @@ def after_stage1(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
   return config
 
 
+def build(config: ml_collections.ConfigDict, data) -> tuple:
+  """(model, inputs, params, opt_state): the model of `config` on `data`, its training inputs, its initial
+  parameters and optimiser state, the structure every stage-2 checkpoint restores into (training and export)."""
+  model = get_model(config.model.name)(config)
+  inputs = model.build_inputs(data)
+  params = model.init(jax.random.PRNGKey(config.seed), inputs)
+  inputs = model.inputs_after_init(inputs)  # drops what only seeded the parameters (AlignRec's initial features)
+  return model, inputs, params, make_optimizer(config).init(params)
+
+
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = bridge.load_dataset(config.data)
   logging.info("%s", data.summary())
 
-  model = get_model(config.model.name)(config)
   t0 = time.time()
-  inputs = model.build_inputs(data)
+  model, inputs, params, opt_state = build(config, data)
   cold_start = new_items.cold_start(model, data, config)
   data = dataclasses.replace(data, features={})  # the model holds what it needs; free the host copy
-  logging.info("graphs and inputs built in %.1fs", time.time() - t0)
+  logging.info("graphs, inputs and parameters built in %.1fs", time.time() - t0)
   devices = parallel.train_devices(config.train.num_devices)
   n_summed = parallel.collective_size(devices)  # == len(devices): the all-reduce spans every process's devices
   sampler = BPRSampler(data.train, data.n_items, config.train.batch_size, seed=config.seed)
   stage = Recommending(config, model, data, sampler, cold_start)
-  params = model.init(jax.random.PRNGKey(config.seed), inputs)
-  inputs = model.inputs_after_init(inputs)  # drops what only seeded the parameters (AlignRec's initial features)
-  opt_state = stage.tx.init(params)
   n_params = sum(int(x.size) for x in jax.tree.leaves(params))
   logging.info("model %s: %d parameters; %d device(s) in %d process(es), gradients summed over %d: %s",
                config.model.name, n_params, len(devices), jax.process_count(), n_summed, devices)
 
-  with state_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints) as ckpt:
+  with state_lib.Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints) as ckpt:
     meta = _fresh_meta()
     latest = ckpt.restore_latest({"params": params, "opt_state": opt_state})  # damaged steps are moved aside
     if latest is not None:
@@ -188,9 +194,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sampler.set_state(meta["sampler_state"])
       logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
                    meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
-    carry = {"params": params, "opt_state": opt_state, "inputs": inputs}  # fit empties it: no host copy stays
+    train_state = {"params": params, "opt_state": opt_state, "inputs": inputs}  # fit empties it: no host copy stays
     del params, opt_state, inputs
-    meta = loop.fit(stage, carry, devices, ckpt, meta)
+    meta = loop.fit(stage, train_state, devices, ckpt, meta)
   results = dict(_results(meta, config), devices=n_summed)
   if distributed.is_main_process():  # every process holds the same results
     atomic.write_json(os.path.join(workdir, "results.json"), results)

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alignrec_jax import models
 from alignrec_jax.data.mmrec import RecData
-from alignrec_jax.models import baselines
 from alignrec_jax.models import Recommender, get_model, registered
+from alignrec_jax.models.baselines import baseline
 from alignrec_jax.models.baselines import freedom as freedom_lib
 from configs import base
 from tests.test_compare import tiny_config
@@ -226,7 +227,7 @@ def test_bm3_target_dropout_is_keyed_and_scaled():
   c = loss(model.epoch_inputs(inputs, jax.random.PRNGKey(4), 1))
   assert float(a) == float(b) and float(a) != float(c)
   x = jnp.ones((200, 50))
-  dropped = np.asarray(baselines.dropout(jax.random.PRNGKey(0), x, 0.3))
+  dropped = np.asarray(baseline.dropout(jax.random.PRNGKey(0), x, 0.3))
   np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.7], rtol=1e-6)
   assert abs((dropped == 0).mean() - 0.3) < 0.02
   # No negatives in BM3's loss: changing them changes nothing.
@@ -359,7 +360,7 @@ def test_gumbel_top_k_samples_without_replacement_in_proportion():
 def test_hyper_parameters_come_from_config_model_name():
   config = toy_config(freedom__dropout=0.9)
   assert get_model("freedom")(config).hp.dropout == 0.9
-  assert set(BASELINES) <= set(baselines.default_configs())
+  assert set(BASELINES) <= set(models.default_configs())
   config.model.lightgcn["bogus"] = 1
   with pytest.raises(ValueError, match="config.model.lightgcn.bogus"):
     get_model("lightgcn")(config)
@@ -386,7 +387,7 @@ def test_lfm2k_baseline_settings_are_points_of_their_grids():
   hyper_grid() (MMRec's / the AlignRec authors' yaml), reaches the model, and the lr stays a grid value."""
   from configs import lfm2k
   config = lfm2k.get_config()
-  defaults = baselines.default_configs()
+  defaults = models.default_configs()
   changed = 0
   for name in BASELINES:
     cls = get_model(name)

@@ -16,7 +16,7 @@ holds; `text_only=True` reproduces that copy (the baseline numbers measured with
       + cl_weight * sum_m [(1 - mean_b cos(g(f_m)[i_b], t_i[i_b])) + (1 - mean_b cos(g(f_m)[i_b], t_m[i_b]))]
   scores: g(h_u) · g(h_i).
 The batch's negatives are ignored (MMRec's use_neg_sampling: False). Dropout keys: see `epoch_inputs` and
-`baselines.step_key` (per step, the same on every device).
+`baseline.step_key` (per step, the same on every device).
 """
 
 from typing import Optional
@@ -29,20 +29,20 @@ import jax.numpy as jnp
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import uia
-from alignrec_jax.models import baselines as B
 from alignrec_jax.models import register
+from alignrec_jax.models.baselines import baseline
 from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class BM3Inputs(B.Sizes):
+class BM3Inputs(baseline.Sizes):
   """adj: Â [(U+I), (U+I)]; features: {slot: [I, d_f]} initial feature tables; rng: [2] uint32 dropout key."""
   adj: graph_lib.Graph
   features: dict
   rng: jax.Array
 
 
-class BM3Net(B.GraphNet):
+class BM3Net(baseline.GraphNet):
   """Returns {"user", "item": online [U|I, d]; "user_pred", "item_pred": g(online); "feat": {slot: f_m [I, d]};
   "feat_pred": {slot: g(f_m) [I, d]}}."""
   n_layers: int
@@ -52,20 +52,20 @@ class BM3Net(B.GraphNet):
     d = self.embedding_size
     _, item_emb, user, item = self.lightgcn(inputs.adj, self.n_layers)
     item = item + item_emb
-    predictor = B.dense(d, d, "predictor", kernel="xavier_normal")  # bias: PyTorch default
+    predictor = baseline.dense(d, d, "predictor", kernel="xavier_normal")  # bias: PyTorch default
     feat, feat_pred = {}, {}
-    for slot, short in B.MODALITIES:
+    for slot, short in baseline.MODALITIES:
       if slot not in inputs.features:
         continue
-      table = B.feature_param(self, f"{slot}_embedding", inputs.features[slot])
-      f = B.dense(d, table.shape[1], f"{slot}_trs", kernel="xavier_normal")(table)
+      table = baseline.feature_param(self, f"{slot}_embedding", inputs.features[slot])
+      f = baseline.dense(d, table.shape[1], f"{slot}_trs", kernel="xavier_normal")(table)
       feat[slot], feat_pred[slot] = f, predictor(f)
     return {"user": user, "item": item, "user_pred": predictor(user), "item_pred": predictor(item), "feat": feat,
             "feat_pred": feat_pred}
 
 
 @register("bm3")
-class BM3(B.Baseline):
+class BM3(baseline.Baseline):
   """The model contract (alignrec_jax.models) for BM3."""
   # text_only: ignore the image slot, as the AlignRec authors' copy does (module docstring).
   inputs_change_per_epoch = True  # a fresh dropout key every epoch
@@ -79,15 +79,15 @@ class BM3(B.Baseline):
       raise ConfigError(f"config.model.bm3.dropout={self.hp.dropout} must lie in [0, 1)")
 
   def content_slots(self, data) -> tuple[str, ...]:
-    return ("text",) if self.hp.text_only else tuple(slot for slot, _, _ in B.modalities(data))
+    return ("text",) if self.hp.text_only else tuple(slot for slot, _, _ in baseline.modalities(data))
 
   def build_inputs(self, data) -> BM3Inputs:
-    found = B.require_modalities(data, self.name)
+    found = baseline.require_modalities(data, self.name)
     if self.hp.text_only:
       found = [m for m in found if m[0] == "text"]
       if not found:
         raise ConfigError(f"config.model.bm3.text_only=True needs text features: set config.data.text_feat "
-                         f"(dataset {data.name!r} has only {sorted(data.features)})")
+                          f"(dataset {data.name!r} has only {sorted(data.features)})")
     adj, _ = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
     return BM3Inputs(adj=adj, features={slot: jnp.asarray(f) for slot, _, f in found},
                      rng=jax.random.PRNGKey(self.seed), n_users=data.n_users, n_items=data.n_items)
@@ -112,9 +112,9 @@ class BM3(B.Baseline):
     wb = whole_batch(batch, axis_name)
     users, items = batch["users"], batch["pos"]
 
-    keys = jax.random.split(B.step_key(inputs.rng, wb.whole), 2 + len(out["feat"]))
-    u_target = B.dropout(keys[0], jax.lax.stop_gradient(out["user"]), hp.dropout)
-    i_target = B.dropout(keys[1], jax.lax.stop_gradient(out["item"]), hp.dropout)
+    keys = jax.random.split(baseline.step_key(inputs.rng, wb.whole), 2 + len(out["feat"]))
+    u_target = baseline.dropout(keys[0], jax.lax.stop_gradient(out["user"]), hp.dropout)
+    i_target = baseline.dropout(keys[1], jax.lax.stop_gradient(out["item"]), hp.dropout)
 
     def one_minus_cos(a, b):  # (1/B) sum_b (1 - cos(a_b, b_b)), this shard's rows
       return uia.user_item_cosine(a, b, wb.weight, wb.n_real)
@@ -123,9 +123,9 @@ class BM3(B.Baseline):
     loss_iu = one_minus_cos(out["item_pred"][items], u_target[users])
     cl = 0.0
     for key, slot in zip(keys[2:], sorted(out["feat"])):
-      f_target = B.dropout(key, jax.lax.stop_gradient(out["feat"][slot]), hp.dropout)
+      f_target = baseline.dropout(key, jax.lax.stop_gradient(out["feat"][slot]), hp.dropout)
       f_online = out["feat_pred"][slot][items]
       cl = cl + one_minus_cos(f_online, i_target[items]) + one_minus_cos(f_online, f_target[items])
-    reg = B.emb_loss([out["user"], out["item"]], None, inputs.n_items) * wb.share
+    reg = baseline.emb_loss([out["user"], out["item"]], None, inputs.n_items) * wb.share
     total = loss_ui + loss_iu + hp.reg_weight * reg + hp.cl_weight * cl
     return total, {"loss": total, "align": loss_ui + loss_iu, "cl": cl, "reg": reg}

@@ -12,27 +12,28 @@ Implicit Feedback", UAI 2009. Reference implementation: MMRec, src/models/bpr.py
 import flax.linen as nn
 
 from alignrec_jax.models import register
-from alignrec_jax.models import baselines as B
+from alignrec_jax.models.baselines import baseline
 
 
-class MFNet(B.TablesNet):
+class MFNet(baseline.TablesNet):
   """Returns {"user": E_u [U, d], "item": E_i [I, d]}."""
 
   @nn.compact
-  def __call__(self, inputs: B.Sizes) -> dict:
+  def __call__(self, inputs: baseline.Sizes) -> dict:
     del inputs
-    user, item = self.id_tables(item="item_embedding", init=B.xavier_normal)  # MMRec: xavier_normal_initialization
+    # MMRec: xavier_normal_initialization
+    user, item = self.id_tables(item="item_embedding", init=baseline.xavier_normal)
     return {"user": user, "item": item}
 
 
 @register("bprmf")
-class BPRMF(B.Baseline):
+class BPRMF(baseline.Baseline):
   """The model contract (alignrec_jax.models) for BPR-MF: `Baseline.loss` on the tables."""
   defaults = {"reg_weight": 1e-3}
   grid = {"model.bprmf.reg_weight": [2.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5]}  # BPR.yaml
 
-  def build_inputs(self, data) -> B.Sizes:
-    return B.Sizes(n_users=data.n_users, n_items=data.n_items)
+  def build_inputs(self, data) -> baseline.Sizes:
+    return baseline.Sizes(n_users=data.n_users, n_items=data.n_items)
 
-  def net(self, inputs: B.Sizes) -> MFNet:
+  def net(self, inputs: baseline.Sizes) -> MFNet:
     return MFNet(inputs.n_users, inputs.n_items, self.hp.embedding_size)

@@ -29,13 +29,13 @@ import numpy as np
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import uia
-from alignrec_jax.models import baselines as B
 from alignrec_jax.models import register
+from alignrec_jax.models.baselines import baseline
 from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class FreedomInputs(B.Sizes):
+class FreedomInputs(baseline.Sizes):
   """adj: full Â [(U+I), (U+I)] (evaluation); train_adj: the epoch's pruned graph (the full one until the hook runs);
   mm_adj: the frozen item-item graph [I, I]; features: {slot: [I, d_f]}; edge_users/edge_items [E] int32 and
   edge_probs [E] float32 (∝ 1/sqrt(d_u d_i)): the train edges the pruning samples from."""
@@ -80,7 +80,7 @@ def sample_kept_edges(key: jax.Array, probs: np.ndarray, n_keep: int) -> np.ndar
   return np.sort(np.argpartition(-scores, n_keep - 1)[:n_keep])
 
 
-class FreedomNet(B.GraphNet):
+class FreedomNet(baseline.GraphNet):
   """Returns {"user" [U, d], "item" [I, d], "feat": {slot: f_m [I, d]}} for the user-item graph `adj`."""
   n_mm_layers: int
   n_ui_layers: int
@@ -92,15 +92,15 @@ class FreedomNet(B.GraphNet):
     for _ in range(self.n_mm_layers):
       h = self.propagate(inputs.mm_adj, h)
     feat = {}
-    for slot, _ in B.MODALITIES:
+    for slot, _ in baseline.MODALITIES:
       if slot in inputs.features:
-        table = B.feature_param(self, f"{slot}_embedding", inputs.features[slot])
-        feat[slot] = B.dense(d, table.shape[1], f"{slot}_trs")(table)  # PyTorch default Linear init
+        table = baseline.feature_param(self, f"{slot}_embedding", inputs.features[slot])
+        feat[slot] = baseline.dense(d, table.shape[1], f"{slot}_trs")(table)  # PyTorch default Linear init
     return {"user": user, "item": item + h, "feat": feat}
 
 
 @register("freedom")
-class Freedom(B.Baseline):
+class Freedom(baseline.Baseline):
   """The model contract (alignrec_jax.models) for FREEDOM, with the per-epoch pruning hook `epoch_inputs`."""
   inputs_change_per_epoch = True  # the user-item graph is pruned anew every epoch
   defaults = {"knn_k": 10, "n_mm_layers": 1, "n_ui_layers": 2, "mm_image_weight": 0.1, "dropout": 0.8,
@@ -118,10 +118,10 @@ class Freedom(B.Baseline):
       raise ConfigError(f"config.model.freedom.knn_k={self.hp.knn_k} must be >= 1")
 
   def content_slots(self, data) -> tuple[str, ...]:
-    return tuple(slot for slot, _, _ in B.modalities(data))
+    return tuple(slot for slot, _, _ in baseline.modalities(data))
 
   def build_inputs(self, data) -> FreedomInputs:
-    found = B.require_modalities(data, self.name)
+    found = baseline.require_modalities(data, self.name)
     k = int(self.hp.knn_k)
     parts = {slot: binary_knn_graph(f, k, data.graph_members()) for slot, _, f in found}
     if len(parts) == 2:  # the reference mixes the two modalities' graphs

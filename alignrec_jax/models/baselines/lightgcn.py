@@ -14,16 +14,16 @@ import flax.linen as nn
 
 from alignrec_jax import graph as graph_lib
 from alignrec_jax.models import register
-from alignrec_jax.models import baselines as B
+from alignrec_jax.models.baselines import baseline
 
 
 @struct.dataclass
-class GraphInputs(B.Sizes):
+class GraphInputs(baseline.Sizes):
   """adj: Â [(U+I), (U+I)], users first."""
   adj: graph_lib.Graph
 
 
-class LightGCNNet(B.GraphNet):
+class LightGCNNet(baseline.GraphNet):
   """Returns {"user" [U, d], "item" [I, d] (layer means), "user_ego" [U, d], "item_ego" [I, d] (the tables)}."""
   n_layers: int
 
@@ -34,7 +34,7 @@ class LightGCNNet(B.GraphNet):
 
 
 @register("lightgcn")
-class LightGCN(B.Baseline):
+class LightGCN(baseline.Baseline):
   """The model contract (alignrec_jax.models) for LightGCN: `Baseline.loss`, its EmbLoss on the ego tables."""
   ego_suffix = "_ego"
   defaults = {"n_layers": 2, "reg_weight": 1e-4}

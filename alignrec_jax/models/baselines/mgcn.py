@@ -1,6 +1,6 @@
 """MGCN: multi-view graph convolution with a behaviour-guided purifier and a behaviour-aware fuser.
 
-Paper: P. Yu, Z. Tan, G. Lu, B.-K. Bao, "Multi-View Graph Convolutional Network for Multimedia Recommendation",
+Paper: P. Yu, Z. Tan, G. Lu, baseline.-K. Bao, "Multi-View Graph Convolutional Network for Multimedia Recommendation",
 ACM MM 2023 (arXiv 2308.03588). Reference implementation: MMRec, src/models/mgcn.py and src/configs/model/MGCN.yaml
 (github.com/enoche/MMRec); the grids of the AlignRec authors' MGCN.yaml (github.com/sjtulyf123/AlignRec_CIKM24).
 
@@ -28,13 +28,13 @@ from alignrec_jax import graph as graph_lib
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.losses import cca
 from alignrec_jax.losses import uia
-from alignrec_jax.models import baselines as B
 from alignrec_jax.models import register
+from alignrec_jax.models.baselines import baseline
 from alignrec_jax.models.batch import whole_batch
 
 
 @struct.dataclass
-class MGCNInputs(B.Sizes):
+class MGCNInputs(baseline.Sizes):
   """adj: Â [(U+I), (U+I)]; user_item: R̂ [U, I]; knn: {slot: S_m [I, I]}; features: {slot: [I, d_f]}."""
   adj: graph_lib.Graph
   user_item: graph_lib.Graph
@@ -42,7 +42,7 @@ class MGCNInputs(B.Sizes):
   features: dict
 
 
-class MGCNNet(B.GraphNet):
+class MGCNNet(baseline.GraphNet):
   """Returns {"user" [U, d], "item" [I, d] (fused), "side" and "content" [(U+I), d]}."""
   n_ui_layers: int
   n_layers: int
@@ -54,25 +54,25 @@ class MGCNNet(B.GraphNet):
     content = jnp.concatenate(ui, 0)
 
     views = []
-    for slot, short in B.MODALITIES:
+    for slot, short in baseline.MODALITIES:
       if slot not in inputs.features:
         continue
-      table = B.feature_param(self, f"{slot}_embedding", inputs.features[slot])
-      projected = B.dense(d, table.shape[1], f"{slot}_trs")(table)
-      x = item_emb * nn.sigmoid(B.dense(d, d, f"gate_{short}")(projected))  # behaviour-guided purifier
+      table = baseline.feature_param(self, f"{slot}_embedding", inputs.features[slot])
+      projected = baseline.dense(d, table.shape[1], f"{slot}_trs")(table)
+      x = item_emb * nn.sigmoid(baseline.dense(d, d, f"gate_{short}")(projected))  # behaviour-guided purifier
       for _ in range(self.n_layers):
         x = self.propagate(inputs.knn[slot], x)
       views.append((slot, jnp.concatenate([self.propagate(inputs.user_item, x), x], 0)))
 
     # Behaviour-aware fuser; query_common is shared by the modalities.
-    query_hidden = B.dense(d, d, "query_common_0")
-    query_out = B.dense(1, d, "query_common_2", use_bias=False)
+    query_hidden = baseline.dense(d, d, "query_common_0")
+    query_out = baseline.dense(1, d, "query_common_2", use_bias=False)
     logits = jnp.concatenate([query_out(jnp.tanh(query_hidden(e))) for _, e in views], axis=-1)  # [(U+I), M]
     att = jax.nn.softmax(logits, axis=-1)
     common = sum(att[:, m:m + 1] * e for m, (_, e) in enumerate(views))
     side = common
     for slot, e in views:
-      prefer = nn.sigmoid(B.dense(d, d, f"gate_{slot}_prefer")(content))
+      prefer = nn.sigmoid(baseline.dense(d, d, f"gate_{slot}_prefer")(content))
       side = side + prefer * (e - common)
     side = side / (len(views) + 1)
     fused = content + side
@@ -80,7 +80,7 @@ class MGCNNet(B.GraphNet):
 
 
 @register("mgcn")
-class MGCN(B.Baseline):
+class MGCN(baseline.Baseline):
   """The model contract (alignrec_jax.models) for MGCN."""
   defaults = {"n_ui_layers": 2, "n_layers": 1, "knn_k": 10, "reg_weight": 1e-4, "cl_loss": 0.01, "temperature": 0.2}
   grid = {"optim.lr": [0.005, 0.001, 0.0005, 0.0001], "model.mgcn.cl_loss": [1e-4, 1e-3, 1e-2, 0.1, 1.0]}
@@ -91,10 +91,10 @@ class MGCN(B.Baseline):
       raise ConfigError(f"config.model.mgcn.knn_k={self.hp.knn_k} must be >= 1")
 
   def content_slots(self, data) -> tuple[str, ...]:
-    return tuple(slot for slot, _, _ in B.modalities(data))
+    return tuple(slot for slot, _, _ in baseline.modalities(data))
 
   def build_inputs(self, data) -> MGCNInputs:
-    found = B.require_modalities(data, self.name)
+    found = baseline.require_modalities(data, self.name)
     adj, user_item = graph_lib.user_item_graph(data.train, data.n_users, data.n_items)
     knn = {slot: graph_lib.knn_graph(f, int(self.hp.knn_k), members=data.graph_members()) for slot, _, f in found}
     return MGCNInputs(adj=adj, user_item=user_item, knn=knn, features={s: jnp.asarray(f) for s, _, f in found},
