@@ -52,7 +52,6 @@ from alignrec_jax.errors import ConfigError
 from alignrec_jax.models import get_model
 from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
-from alignrec_jax.train import loop
 from alignrec_jax.train import stage2
 from alignrec_jax.train import workdir as workdir_lib
 

@@ -72,15 +72,14 @@ def finished_results(workdir: str) -> dict:
   path = os.path.join(workdir, "results.json")
   if not os.path.isdir(workdir):
     raise RunError(f"workdir not found: {workdir}")
-  if not os.path.isfile(path):
-    raise RunError(f"{workdir} holds no finished stage-2 run ({path} is missing): train it to the end first "
-                   "(python -m alignrec_jax.main --config=... --workdir=... with config.stage=train)")
   try:
-    with open(path, "r", encoding="utf-8") as f:
-      results = json.load(f)
+    results = atomic.read_json_object(path)
+  except FileNotFoundError:
+    raise RunError(f"{workdir} holds no finished stage-2 run ({path} is missing): train it to the end first "
+                   "(python -m alignrec_jax.main --config=... --workdir=... with config.stage=train)") from None
   except (OSError, ValueError) as e:
-    raise RunError(f"{path}: not readable JSON ({e})") from None
-  if not isinstance(results, dict) or int(results.get("best_epoch", -1)) < 0:
+    raise RunError(str(e)) from None
+  if int(results.get("best_epoch", -1)) < 0:
     raise RunError(f"{path}: no best epoch (key 'best_epoch'): not the results of a finished stage-2 run")
   return results
 

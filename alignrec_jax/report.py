@@ -20,7 +20,6 @@ matplotlib draws the plots; it is an optional extra (requirements-report.txt) im
 the report keeps its tables and says that the plots were skipped.
 """
 
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -58,12 +57,9 @@ def load_results(workdir: str) -> dict:
     raise ReportError(f"{path} not found: is {workdir} the workdir of a finished run (stage train/all/probe) or of "
                       "python -m alignrec_jax.compare (comparison.json)?")
   try:
-    with open(path, "r", encoding="utf-8") as f:
-      results = json.load(f)
-  except ValueError as e:
-    raise ReportError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(results, dict):
-    raise ReportError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    results = atomic.read_json_object(path)
+  except (OSError, ValueError) as e:
+    raise ReportError(str(e)) from None
   if path == comparison:
     if not isinstance(results.get("models"), dict):
       raise ReportError(f"{path}: no 'models' object: not written by python -m alignrec_jax.compare")

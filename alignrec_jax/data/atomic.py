@@ -1,4 +1,5 @@
-"""The one atomic writer for the results, tables, models and folders the package leaves behind.
+"""The one atomic writer for the results, tables, models and folders the package leaves behind (and the one reader
+of the JSON objects it writes).
 
 A file (or folder) appears at its path only once completely written (a temporary one beside it, then a rename),
 with the mode a plain open() (or os.makedirs) would give it under the process's umask: `tempfile.mkstemp` and
@@ -42,6 +43,19 @@ def write_json(path: str, obj, indent: int = 2) -> None:
   with atomic_open(path) as f:
     json.dump(obj, f, indent=indent)
     f.write("\n")
+
+
+def read_json_object(path: str) -> dict:
+  """The JSON object `write_json` wrote at `path`; ValueError naming the file when it is not valid JSON or holds
+  something else than an object (the readers of results.json and comparison.json add what the file should be)."""
+  try:
+    with open(path, "r", encoding="utf-8") as f:
+      value = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def write_text(path: str, text: str) -> None:

@@ -14,14 +14,10 @@ Metric classes (`config.probe.classes`), all evaluated with the MMRec full-ranki
                  of the stage-1 mask_image / mask_text extraction, or are zeroed for a plain `.npy` table.
 """
 
-import copy
 import functools
-import json
 import os
-import time
 from typing import Mapping, Optional, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
