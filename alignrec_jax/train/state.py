@@ -4,7 +4,8 @@ A checkpoint (a numbered step: finished epochs in stage 2, finished steps in sta
   state: a tree of arrays (the trainer's {"params", "opt_state"}; the feature tables), restored into the structure
          of a freshly built one (or as saved)
   meta:  JSON: the loop's bookkeeping (train/loop.py; in stage 2 also the sampler's RNG state, the early-stopping
-         state and the per-epoch history) and a CRC32 of every saved array (`checksums`).
+         state and the per-epoch history), a CRC32 of every saved array (`checksums`) and one of the meta itself
+         (`meta_checksum`).
 After each save the manager keeps the latest `keep_latest` checkpoints and the best one, whose step the meta of
 every checkpoint names (`best_step`): the choice lives on disk, so a run resumed any number of times keeps the same
 best checkpoint as an uninterrupted one. Writes are synchronous and orbax finalises a step by an atomic rename, so a
@@ -15,6 +16,7 @@ deleted file) is moved to `<workdir>/damaged_checkpoints/` with a warning and th
 """
 
 import contextlib
+import json
 import logging as pylogging
 import os
 import sys
@@ -43,6 +45,23 @@ def checksums(tree: Any) -> dict:
     crc = zlib.crc32(f"{a.dtype.str}{a.shape}".encode())
     out[jax.tree_util.keystr(path)] = f"{zlib.crc32(a.data, crc) & 0xFFFFFFFF:08x}"
   return out
+
+
+def meta_checksum(meta: dict) -> str:
+  """CRC32 of the meta's JSON (keys sorted, its own `meta_checksum` left out): the bookkeeping a resume and
+  results.json trust (best epoch, best metrics, history, sampler state) is covered as the arrays are."""
+  text = json.dumps({k: v for k, v in meta.items() if k != "meta_checksum"}, sort_keys=True)
+  return f"{zlib.crc32(text.encode()) & 0xFFFFFFFF:08x}"
+
+
+def verify_meta(meta: dict, where: str) -> None:
+  """Raises CheckpointError when the meta differs from its saved checksum (absent: a checkpoint from before it)."""
+  expected = meta.get("meta_checksum")
+  if expected is None:
+    logging.warning("%s has no meta checksum (written by an older version): its meta is trusted unverified", where)
+  elif meta_checksum(meta) != expected:
+    raise CheckpointError(f"{where} is damaged: its meta (best epoch, metrics, history) differs from its saved "
+                          "checksum")
 
 
 def verify(tree: Any, expected: Optional[dict], where: str) -> None:
@@ -159,15 +178,19 @@ class Checkpointer:
     where = f"{self.label} {step} in {self.directory}"
     try:
       with _quiet_failures():
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
       raise restore_failed(where, e) from e
+    verify_meta(meta, where)
+    meta.pop("meta_checksum", None)
+    return meta
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Saves `state` (host copies are taken) and `meta` as step `step`, then deletes every step but the latest
     `keep_latest` and `meta["best_step"]`. Synchronous: the step is complete (renamed into place) on return."""
     state = jax.tree.map(np.asarray, state)
     meta = dict(meta, checksums=checksums(state))
+    meta["meta_checksum"] = meta_checksum(meta)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
     self.manager.wait_until_finished()
@@ -192,6 +215,8 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for a damaged or incompatible checkpoint
       raise restore_failed(where, e) from e
     meta = dict(restored["meta"])
+    verify_meta(meta, where)
+    meta.pop("meta_checksum", None)
     state = jax.tree.map(np.asarray, restored["state"])
     verify(state, meta.pop("checksums", None), where)
     if target is not None:

@@ -96,6 +96,28 @@ def _best_params(workdir, config):
                                        optax.inject_hyperparams(optax.adam)(learning_rate=0.1).init(params))
 
 
+def test_a_flipped_digit_in_a_checkpoints_meta_is_caught_and_the_step_set_aside(tmp_path, caplog):
+  root = write_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  config = tiny_config(root, epochs=2)
+  config.train.keep_checkpoints = 2
+  trained = stage2.run(config, str(workdir))
+  path = workdir / "checkpoints" / "2" / "meta" / "metadata"
+  text = path.read_text()
+  value = f"{trained['test']['recall@20']}"
+  assert value in text
+  digit = value[-1]
+  path.write_text(text.replace(value, value[:-1] + ("1" if digit != "1" else "2")))  # one digit of a reported figure
+  config.train.epochs = 3
+  resumed = stage2.run(config, str(workdir))
+  assert "its meta (best epoch, metrics, history) differs from its saved checksum" in caplog.text
+  assert os.listdir(workdir / "damaged_checkpoints")
+  fresh = tiny_config(root, epochs=3)
+  fresh.train.keep_checkpoints = 2
+  whole = stage2.run(fresh, str(tmp_path / "whole"))
+  assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+
+
 def test_the_best_checkpoint_survives_two_restarts(tmp_path):
   root = write_dataset(tmp_path / "data")
   config = lambda epochs: tiny_config(root, epochs=epochs, stopping_step=100)
