@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import sys
 from typing import Iterable, Sequence
 
 from absl import logging
@@ -257,6 +258,8 @@ class Tokenizer:
 
 def _tfds():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only stage 1 needs it)
+  if not sys.stderr.isatty():  # its progress bars' cursor escapes ('[A') would land in log files, before error lines
+    tfds.disable_progress_bar()
   return tfds
 
 

@@ -37,6 +37,7 @@ class Stage:
   inputs_per_round = False      # True: round_inputs gives new inputs, so the host copy of `inputs` is kept
   divergence_factor = 0.0       # stop when a round's mean loss exceeds this multiple of the first step's (0: off)
   nan_hint = "lower the learning rate"
+  unlogged = ()                 # metrics left out of the progress lines (terms that are off; the history keeps them)
 
   def rounds(self, meta: dict) -> range:
     """The rounds still to run, given the restored meta."""
@@ -81,6 +82,25 @@ def _eta(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class _Pace:
+  """This run's steps per second for the ETA, timed from the end of its first step (which compiles the step and
+  would make the first estimates tens of times too long); 'estimating' until `min_steps` more steps are timed."""
+
+  def __init__(self, min_steps: int = 3):
+    self.start, self.steps, self.min_steps = None, 0, min_steps
+
+  def step_done(self) -> None:
+    if self.start is None:
+      self.start = time.perf_counter()
+    else:
+      self.steps += 1
+
+  def eta(self, remaining_steps: int) -> str:
+    if self.steps < self.min_steps:
+      return "estimating"
+    return _eta(remaining_steps * (time.perf_counter() - self.start) / self.steps)
+
+
 def _check_divergence(stage: Stage, meta: dict, round_: int, mean_loss: float, ckpt: state_lib.Checkpointer) -> None:
   """Stops the run when the round's mean loss exceeds `stage.divergence_factor` times the first step's loss.
 
@@ -102,8 +122,7 @@ def _check_divergence(stage: Stage, meta: dict, round_: int, mean_loss: float, c
 
 def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpointer, meta: dict) -> dict:
   """Runs `stage`'s remaining rounds from `train_state` {"params", "opt_state", "inputs"} and `meta`, checkpointing
-  each;
-  returns the final meta.
+  each; returns the final meta.
 
   `train_state` is emptied: the caller keeps no host copy, and while the loop runs only the devices' copies of the
   parameters, optimiser state and inputs live (the host copy of the inputs only with `stage.inputs_per_round`)."""
@@ -124,7 +143,7 @@ def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpoi
     return parallel.get_replicated(representations_fn[fn](p_params, p_eval_inputs), devices)
 
   total = stage.total_steps(meta)
-  run_start, run_steps = time.perf_counter(), 0
+  pace = _Pace()
   for round_ in stage.rounds(meta):
     for key, value in stage.round_hyperparams(round_).items():
       p_opt.hyperparams[key] = parallel.put_replicated(jnp.asarray(value, jnp.float32), devices)
@@ -150,17 +169,16 @@ def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpoi
         window[k] = window.get(k, 0.0) + v
       n_steps += 1
       window_steps += 1
-      run_steps += 1
+      pace.step_done()
       meta["steps"] = meta.get("steps", 0) + 1
       if stage.log_every and (meta["steps"] in (1, total) or meta["steps"] % stage.log_every == 0):
         window_rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
         row = {k: v / window_steps for k, v in window.items()}
         row["step"] = meta["steps"]
         stage.log_window(row, window_rate, meta)
-        rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
         logging.info("%s step %d%s: %s, %.2f steps/s%s", stage.name, meta["steps"], f"/{total}" if total else "",
-                     ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"), window_rate,
-                     f", ETA {_eta((total - meta['steps']) / rate)}" if total else "")
+                     ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step" and k not in stage.unlogged),
+                     window_rate, f", ETA {pace.eta(total - meta['steps'])}" if total else "")
         window, window_start, window_steps = {}, time.perf_counter(), 0
     if not n_steps:
       break
@@ -170,9 +188,8 @@ def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpoi
     checkpoint_step, stop, line = stage.end_round(round_, means, meta, representations)
     ckpt.save(checkpoint_step, parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices), meta)
     if line:
-      rate = run_steps / max(time.perf_counter() - run_start, 1e-9)
       logging.info("%s %s: %s%s", stage.name, stage.position_name(round_, None), line,
-                   f" | ETA {_eta((total - meta['steps']) / rate)} at most" if total and not stop else "")
+                   f" | ETA {pace.eta(total - meta['steps'])} at most" if total and not stop else "")
     if stop:
       break
   return meta

@@ -143,6 +143,7 @@ class Pretraining(loop.Stage):
 
   def __init__(self, config, model: mmenc.MMEnc, tokenizer: content.Tokenizer, items: dict, n_devices: int):
     pre = config.pretrain
+    self.unlogged = (("itc",) if not pre.itc_weight else ()) + (("bow",) if not pre.cls_bow_weight else ())
     self.config, self.items = config, items
     self.tx = make_optimizer(pre, pre.steps)
     self.every = max(pre.checkpoint_every, 1)
