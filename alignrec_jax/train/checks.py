@@ -6,6 +6,7 @@ Each stage calls the check of what it reads first (`check_stage1`, `check_stage2
 """
 
 import numbers
+import os
 
 from alignrec_jax import models
 from alignrec_jax.data.mmrec import COLD_SPLITS
@@ -17,6 +18,7 @@ from alignrec_jax.eval import ranking
 from alignrec_jax.losses import ica
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import bridge
+from alignrec_jax.train import init_from
 
 
 
@@ -154,6 +156,10 @@ def check_stage1(config) -> None:
   _number(config, "pretrain.lr", 0.0)
   for key in ("pretrain.text_mask_ratio", "pretrain.image_mask_ratio"):
     _number(config, key, 0.0, 1.0, low_open=False)
+  if pre.init_from:  # the converted weights' shape and text length, before the tokenizer and the dataset are built
+    init_from.check_architecture(os.path.expanduser(pre.init_from),
+                                 dict(mmenc.SIZES[pre.size], patch_size=pre.patch_size, image_size=pre.image_size),
+                                 pre.max_text_len)
 
 
 def check_probe(config) -> None:

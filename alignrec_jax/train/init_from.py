@@ -61,12 +61,11 @@ def read_meta(directory: str) -> dict:
   return meta
 
 
-def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
-  """(beit3 params fitted to `model`, meta) from a converted checkpoint; any architecture mismatch is a DataError
-  that names the field. A longer text position table than the model's is truncated."""
+def check_architecture(directory: str, want: dict, max_text_len: int) -> dict:
+  """The checkpoint's meta, after a DataError naming the field for any of `want`'s architecture values it does not
+  have, or for fewer text positions than `max_text_len`. Reads the meta only: config checks call it before any data
+  loads (with the config's shape; `load` again with the built model's, vocabulary included)."""
   meta = read_meta(directory)
-  want = dict(vocab_size=model.vocab_size, hidden=model.hidden, layers=model.layers, heads=model.heads,
-              mlp=model.mlp, patch_size=model.patch_size, image_size=model.image_size)
   where = f"config.pretrain.init_from={directory}"
   hints = {"vocab_size": "the tokenizer's vocabulary (--config.data.tokenizer / pretrain.vocab_size)",
            "image_size": "config.pretrain.image_size (or convert again with --image_size)",
@@ -75,9 +74,18 @@ def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
     if meta[key] != value:
       raise DataError(f"{where}: the checkpoint has {key}={meta[key]}, the model {value} "
                       f"({hints.get(key, 'config.pretrain.size')})")
-  if meta["max_text_len"] < model.max_text_len:
+  if meta["max_text_len"] < max_text_len:
     raise DataError(f"{where}: the checkpoint holds {meta['max_text_len']} text positions, config.pretrain."
-                    f"max_text_len={model.max_text_len} needs more")
+                    f"max_text_len={max_text_len} needs more")
+  return meta
+
+
+def load(directory: str, model: mmenc.MMEnc) -> tuple[Any, dict]:
+  """(beit3 params fitted to `model`, meta) from a converted checkpoint; any architecture mismatch is a DataError
+  that names the field. A longer text position table than the model's is truncated."""
+  meta = check_architecture(directory, dict(vocab_size=model.vocab_size, hidden=model.hidden, layers=model.layers,
+                                            heads=model.heads, mlp=model.mlp, patch_size=model.patch_size,
+                                            image_size=model.image_size), model.max_text_len)
   with _checkpointer(directory) as ckpt:  # as saved: `apply` compares every shape with the model's
     try:
       params, _ = ckpt.restore(ckpt.latest_step())

@@ -248,6 +248,16 @@ def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tm
     config.pretrain.init_from = str(tmp_path / "wrong")
   with pytest.raises(DataError, match=f"has layers={wrong['layers']}, the model {model.layers}"):
     pretrain_lib.pretrain(config, str(tmp_path / "wrong_run"))
+  assert not os.path.exists(tmp_path / "wrong_run")  # refused by the config checks: nothing written, nothing built
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "converted")
+    config.pretrain.max_text_len = model.max_text_len + 5  # the converted table holds max_text_len + 4 positions
+  with pytest.raises(DataError, match=f"holds {model.max_text_len + 4} text positions, config.pretrain."
+                                      f"max_text_len={model.max_text_len + 5} needs more"):
+    pretrain_lib.pretrain(config, str(tmp_path / "long_run"))
+  assert not os.path.exists(tmp_path / "long_run")
+  with config.unlocked():
+    config.pretrain.max_text_len = model.max_text_len
   # a text embedding with fewer rows than the tokenizer has ids cannot hold its tokens (more rows are fine: BEiT-3's
   # 64,010 rows hold beit3.spm's 64,002 ids)
   small = _beit3_meta(model)
