@@ -1,10 +1,12 @@
 """Converts a released BEiT-3 checkpoint (unilm's beit3_{base,large}_patch16_224.pth) into MMEnc's encoder weights.
 
   pip install -r requirements-convert.txt        # adds the CPU torch wheel that reading a .pth needs
-  python -m alignrec_jax.convert_beit3 --checkpoint=beit3_base_patch16_224.pth --out=/tmp/beit3_base \\
-      [--image_size=224] [--max_text_len=128] [--heads=12]
+  python -m alignrec_jax.convert_beit3 --checkpoint=beit3_base_patch16_224.pth --tokenizer=beit3.spm \\
+      --out=/tmp/beit3_base [--image_size=224] [--max_text_len=128] [--heads=12]
 
-then `--config.pretrain.init_from=/tmp/beit3_base` starts ICA from it (train/init_from.py).
+then `--config.pretrain.init_from=/tmp/beit3_base` starts ICA from it (train/init_from.py), with the tokenizer
+kept beside the weights (--tokenizer; weights that belong to no tokenizer, as the random test fixture, take
+--no_tokenizer instead: one of the two is required).
 
 The checkpoint may be a torch `.pth` (a state dict, or a dict holding it under "model" or "module") or a plain `.npz`
 of the same state dict (keys as torch names them; this path needs no torch). The architecture is read off the
@@ -24,6 +26,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from alignrec_jax.data import content
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.models import beit3_convert
 from alignrec_jax.models import mmenc
@@ -107,17 +110,28 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_text_len", 0, "Target text length (0 = the checkpoint's); the text position table is "
                        "truncated.")
   flags.DEFINE_integer("heads", 0, "Attention heads (0 = from the size preset that matches the shapes).")
+  flags.DEFINE_string("tokenizer", None, "The sentencepiece model the weights were trained with (beit3.spm for the "
+                      "released BEiT-3): kept with them, so that pre-training reads their text embedding with it.")
+  flags.DEFINE_bool("no_tokenizer", False, "Weights that belong to no tokenizer (a random test fixture): pre-training "
+                    "then uses data.tokenizer or one trained on the item texts.")
   flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(FLAGS.tokenizer) == FLAGS.no_tokenizer:
+    sys.exit("error: give --tokenizer=FILE.spm (the sentencepiece model the weights were trained with: beit3.spm "
+             "for the released BEiT-3) or, for weights that belong to no tokenizer, --no_tokenizer")
   try:
+    tokenizer = content.Tokenizer.load(FLAGS.tokenizer, key="--tokenizer") if FLAGS.tokenizer else None
     state = read_state_dict(FLAGS.checkpoint)
     params, meta = convert_state_dict(state, FLAGS.image_size, FLAGS.max_text_len, FLAGS.heads)
+    if tokenizer is not None and len(tokenizer) > meta["vocab_size"]:
+      raise ValueError(f"--tokenizer={FLAGS.tokenizer} has {len(tokenizer)} ids, the weights' text embedding "
+                       f"{meta['vocab_size']} rows: not the tokenizer they were trained with")
     meta["source"] = os.path.abspath(FLAGS.checkpoint)
-    init_from.save(FLAGS.out, params, meta)
+    init_from.save(FLAGS.out, params, meta, tokenizer)
   except (FileNotFoundError, FileExistsError, ImportError, ValueError, DataError) as e:
     sys.exit(f"error: {e}")
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
@@ -129,6 +143,8 @@ def main(argv) -> None:
         + f"; text positions {meta['source_max_text_len']} -> {meta['max_text_len']}")
   print(f"  missing keys: none; unexpected keys: none; dropped pre-training head keys: "
         f"{', '.join(meta['dropped_keys']) or 'none'}")
+  print(f"  tokenizer: {FLAGS.tokenizer} (kept as {os.path.join(os.path.abspath(FLAGS.out), content.TOKENIZER_FILE)})"
+        if FLAGS.tokenizer else "  tokenizer: none (--no_tokenizer)")
 
 
 if __name__ == "__main__":

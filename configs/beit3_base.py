@@ -1,10 +1,10 @@
 """Stage 1 at BEiT-3 base size from the released weights (an accelerator run), then stage 2 with the paper's settings.
 
   pip install -r requirements-convert.txt
-  python -m alignrec_jax.convert_beit3 --checkpoint=beit3_base_patch16_224.pth --out=/tmp/beit3_base \
-      --max_text_len=128
+  python -m alignrec_jax.convert_beit3 --checkpoint=beit3_base_patch16_224.pth --tokenizer=beit3.spm \
+      --out=/tmp/beit3_base --max_text_len=128
   python -m alignrec_jax.main --config=configs/beit3_base.py:ml100k_posters --workdir=/tmp/beit3_ml100k \
-      --config.pretrain.init_from=/tmp/beit3_base --config.data.tokenizer=beit3.spm
+      --config.pretrain.init_from=/tmp/beit3_base
 
 The argument after the colon picks the data: `ml100k_posters` (the default; its posters and titles) or one of the
 paper's Amazon sets `baby`, `sports`, `elec` with the raw content table data/<name>/items.tsv (itemID, text, image

@@ -160,6 +160,7 @@ def check_stage1(config) -> None:
     init_from.check_architecture(os.path.expanduser(pre.init_from),
                                  dict(mmenc.SIZES[pre.size], patch_size=pre.patch_size, image_size=pre.image_size),
                                  pre.max_text_len)
+    init_from.tokenizer_path(config)  # a data.tokenizer that is not the weights' own
 
 
 def check_probe(config) -> None:

@@ -11,13 +11,14 @@ embedding (tied head).
 """
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from alignrec_jax.data import atomic
+from alignrec_jax.data import content
 from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.models import mmenc
 from alignrec_jax.train import state as state_lib
@@ -38,13 +39,40 @@ def beit3_shapes(meta: dict) -> Any:
   return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, images))["params"]
 
 
-def save(out: str, params: Any, meta: dict) -> None:
-  """Writes `params` (the beit3 tree) and `meta` as DIR `out`, all at once: a failure leaves no `out` behind."""
+def save(out: str, params: Any, meta: dict, tokenizer: Optional[content.Tokenizer] = None) -> None:
+  """Writes `params` (the beit3 tree) and `meta` as DIR `out`, all at once: a failure leaves no `out` behind.
+  `tokenizer`: the one the weights were trained with (BEiT-3's beit3.spm), kept as `out/tokenizer.spm` and named
+  by its fingerprint in the meta (`tokenizer`; None: weights that belong to no tokenizer, such as a random fixture)."""
   out = os.path.abspath(out)
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory")
-  with atomic.atomic_dir(out) as tmp, _checkpointer(tmp, create=True) as ckpt:
-    ckpt.save(0, jax.tree.map(lambda x: np.asarray(x, np.float32), params), dict(meta, format=FORMAT))
+  meta = dict(meta, format=FORMAT, tokenizer=tokenizer.fingerprint() if tokenizer is not None else None)
+  with atomic.atomic_dir(out) as tmp:
+    with _checkpointer(tmp, create=True) as ckpt:
+      ckpt.save(0, jax.tree.map(lambda x: np.asarray(x, np.float32), params), meta)
+    if tokenizer is not None:
+      tokenizer.save(os.path.join(tmp, content.TOKENIZER_FILE))
+
+
+def tokenizer_path(config) -> str:
+  """The stage-1 tokenizer file of `config`: `data.tokenizer`, or with `pretrain.init_from` the tokenizer the
+  converted weights were trained with (their `tokenizer.spm`). A `data.tokenizer` other than that one is a DataError:
+  the text embedding's rows would be read with ids that mean other pieces."""
+  configured = config.data.tokenizer
+  if not config.pretrain.init_from:
+    return configured
+  directory = os.path.expanduser(config.pretrain.init_from)
+  recorded = read_meta(directory).get("tokenizer")
+  if not recorded:  # converted with --no_tokenizer (or before tokenizers were recorded)
+    return configured
+  bundled = os.path.join(directory, content.TOKENIZER_FILE)
+  if not configured:
+    return bundled
+  if content.Tokenizer.load(os.path.expanduser(configured), key="config.data.tokenizer").fingerprint() != recorded:
+    raise DataError(f"config.data.tokenizer={configured} is not the tokenizer the weights of "
+                    f"config.pretrain.init_from={config.pretrain.init_from} were trained with ({bundled}): drop "
+                    "--config.data.tokenizer to use theirs")
+  return configured
 
 
 def read_meta(directory: str) -> dict:

@@ -96,6 +96,8 @@ class _Pace:
       self.steps += 1
 
   def eta(self, remaining_steps: int) -> str:
+    if remaining_steps <= 0:
+      return _eta(0)
     if self.steps < self.min_steps:
       return "estimating"
     return _eta(remaining_steps * (time.perf_counter() - self.start) / self.steps)

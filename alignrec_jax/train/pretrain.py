@@ -61,7 +61,7 @@ def _load_items(config, workdir: str) -> tuple[content.Tokenizer, dict]:
   if config.data.synthetic:
     synthetic.ensure_synthetic_dataset(os.path.expanduser(config.data.root))
   tokenizer, source = content.prepare_content(config.pretrain, items_path(config), workdir,
-                                              config.data.tokenizer)
+                                              init_from.tokenizer_path(config))
   return tokenizer, content.load_all(source)
 
 
@@ -257,7 +257,7 @@ def encoder_vocab_size(pre, tokenizer: content.Tokenizer) -> int:
   if len(tokenizer) > rows:
     raise content.DataError(f"config.pretrain.init_from={pre.init_from}: the checkpoint's text embedding has {rows} "
                             f"rows, the tokenizer {len(tokenizer)} ids; use the tokenizer the checkpoint was "
-                            "trained with (--config.data.tokenizer=beit3.spm) or a smaller pretrain.vocab_size")
+                            "trained with (convert it with --tokenizer=beit3.spm, or --config.data.tokenizer)")
   return rows
 
 

@@ -136,11 +136,47 @@ def test_cli_converts_and_bad_keys_are_one_line_errors_that_write_nothing(tmp_pa
   np.savez(bad, **dict(_state(), **{"decoder.weight": np.zeros(3, np.float32)}))
   run = lambda *args: subprocess.run([sys.executable, "-m", "alignrec_jax.convert_beit3", *args], cwd=repo,
                                      capture_output=True, text=True, timeout=600)
-  proc = run(f"--checkpoint={bad}", f"--out={tmp_path / 'bad_out'}")
+  proc = run(f"--checkpoint={bad}", f"--out={tmp_path / 'bad_out'}", "--no_tokenizer")
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("error: unexpected key 'decoder.weight'")
   assert not os.path.exists(tmp_path / "bad_out") and os.listdir(tmp_path) == ["bad.npz"]
-  proc = run(f"--checkpoint={STATE}", f"--out={tmp_path / 'tiny'}", "--image_size=48", "--max_text_len=12")
+  proc = run(f"--checkpoint={STATE}", f"--out={tmp_path / 'tiny'}", "--image_size=48", "--max_text_len=12",
+             "--no_tokenizer")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "vision positions interpolated bicubically 4x4 -> 6x6" in proc.stdout
   assert init_from.read_meta(str(tmp_path / "tiny"))["image_size"] == 48
+
+
+def test_converted_weights_keep_their_tokenizer_and_refuse_another(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.data import content  # pylint: disable=g-import-not-at-top
+  from alignrec_jax.data.mmrec import DataError  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(FIXTURES))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "alignrec_jax.convert_beit3", *args], cwd=repo,
+                                     capture_output=True, text=True, timeout=600)
+  neither = run(f"--checkpoint={STATE}", f"--out={tmp_path / 'neither'}")
+  assert neither.returncode == 1 and "give --tokenizer=FILE.spm" in neither.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path / "neither")
+  own, other = (content.Tokenizer.from_pieces([f"\u2581{w}" for w in words]) for words in
+                (("red", "blue", "item"), ("green", "round", "item", "small")))
+  own.save(str(tmp_path / "own.spm"))
+  other.save(str(tmp_path / "other.spm"))
+  out = tmp_path / "converted"
+  proc = run(f"--checkpoint={STATE}", f"--out={out}", "--max_text_len=12", f"--tokenizer={tmp_path / 'own.spm'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert init_from.read_meta(str(out))["tokenizer"] == own.fingerprint()
+  config = ml_collections.ConfigDict({"data": {"tokenizer": ""}, "pretrain": {"init_from": str(out)}})
+  # by default pre-training reads the weights' text embedding with their own tokenizer
+  assert content.Tokenizer.load(init_from.tokenizer_path(config)).fingerprint() == own.fingerprint()
+  config.data.tokenizer = str(tmp_path / "own.spm")
+  assert init_from.tokenizer_path(config) == str(tmp_path / "own.spm")
+  config.data.tokenizer = str(tmp_path / "other.spm")
+  with pytest.raises(DataError, match="is not the tokenizer the weights of config.pretrain.init_from"):
+    init_from.tokenizer_path(config)
+  bare = tmp_path / "bare"
+  assert run(f"--checkpoint={STATE}", f"--out={bare}", "--no_tokenizer").returncode == 0
+  assert init_from.read_meta(str(bare))["tokenizer"] is None
+  config.pretrain.init_from = str(bare)
+  assert init_from.tokenizer_path(config) == str(tmp_path / "other.spm")  # no tokenizer of their own: as configured
