@@ -16,9 +16,11 @@ deleted file) is moved to `<workdir>/damaged_checkpoints/` with a warning and th
 """
 
 import contextlib
+import errno
 import json
 import logging as pylogging
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -136,6 +138,12 @@ def _quarantine(manager: ocp.CheckpointManager, directory: str, step: int) -> No
   manager.reload()
 
 
+def _disk_full(e: BaseException) -> bool:
+  text = str(e)
+  return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "RESOURCE_EXHAUSTED" in text \
+      or "No space left" in text
+
+
 def restore_failed(where: str, e: Exception) -> CheckpointError:
   """The one-line error for an orbax restore that raised (a damaged or incompatible checkpoint)."""
   _drop_closed_loop_noise()
@@ -191,9 +199,19 @@ class Checkpointer:
     state = jax.tree.map(np.asarray, state)
     meta = dict(meta, checksums=checksums(state))
     meta["meta_checksum"] = meta_checksum(meta)
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      force=True)
-    self.manager.wait_until_finished()
+    try:
+      with _quiet_failures():  # orbax's writer threads log a failed write at length (260 lines for a full disk)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+    except Exception as e:  # orbax raises ValueError, OSError, ... for a write that failed
+      _drop_closed_loop_noise()
+      for name in os.listdir(self.directory):  # its temporary folder of this step: never a finished checkpoint
+        if name.startswith(f"{step}.") and "tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      cause = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      full = "the disk is full: free space or use another --workdir; " if _disk_full(e) else ""
+      raise CheckpointError(f"{self.label} {step} in {self.directory} could not be written ({full}{cause})") from e
     steps = sorted(self.manager.all_steps())
     keep = set(steps[-self.keep_latest:]) | {meta.get("best_step")}
     for old in steps:
@@ -247,7 +265,8 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
-    self.manager.close()
+    with _quiet_failures():
+      self.manager.close()
 
 
 def restore_best_params(directory: str, params_like: Any, opt_state_like: Any) -> tuple[Any, dict]:

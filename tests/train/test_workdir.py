@@ -203,3 +203,21 @@ def test_a_checkpoint_of_another_feature_width_is_refused_and_left_in_place(tmp_
   with pytest.raises(state_lib.CheckpointError, match=r"can be restored \(none was moved\)"):
     stage2.run(tiny_config(root, epochs=2), str(workdir))
   assert (workdir / "checkpoints" / "1").is_dir() and not (workdir / "damaged_checkpoints").exists()
+
+
+def test_a_checkpoint_write_that_fails_for_space_is_one_line_and_leaves_no_temporary_step(tmp_path, monkeypatch):
+  ckpt = state_lib.Checkpointer(str(tmp_path / "ckpt"))
+  real_save = ckpt.manager.save
+
+  def save_until_full(step, *args, **kwargs):
+    real_save(step, *args, **kwargs)
+    ckpt.manager.wait_until_finished()
+    os.makedirs(tmp_path / "ckpt" / f"{step}.orbax-checkpoint-tmp-1")  # what a write cut short leaves
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT database: No space left on device')
+
+  monkeypatch.setattr(ckpt.manager, "save", save_until_full)
+  with pytest.raises(state_lib.CheckpointError, match=r"checkpoint 3 in .* could not be written \(the disk is full: "
+                                                      r"free space or use another --workdir; ValueError: RESOURCE"):
+    ckpt.save(3, {"w": np.ones(3, np.float32)}, {"epoch": 3})
+  assert not [n for n in os.listdir(tmp_path / "ckpt") if "tmp" in n]
+  ckpt.close()
