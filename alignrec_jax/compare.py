@@ -52,6 +52,7 @@ from alignrec_jax.errors import ConfigError
 from alignrec_jax.models import get_model
 from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
+from alignrec_jax.train import preemption
 from alignrec_jax.train import stage2
 from alignrec_jax.train import workdir as workdir_lib
 
@@ -270,6 +271,9 @@ def main(argv) -> None:
   try:
     comparison = compare(FLAGS.config, [m.strip() for m in FLAGS.models if m.strip()], FLAGS.seeds, workdir,
                          FLAGS.grid, FLAGS.select_metric, tuple(FLAGS.grid_keys))
+  except preemption.Preempted as e:  # the run in progress checkpointed; rerunning the command goes on from there
+    print(f"preempted: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
   except USER_ERRORS as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
   print("\n" + markdown_table(comparison))

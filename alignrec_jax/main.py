@@ -15,7 +15,8 @@ An unknown `--config.*` key is an error, and every config value is checked befor
 Results go to `<workdir>/results.json`; rerunning the same command in the same workdir resumes from the newest intact
 checkpoint. A workdir belongs to one run (train/workdir.py): it is locked while a stage runs, and a resume with other
 settings (except `train.epochs`) is refused. Every error is one line on stderr and exit code 1; `--verbose` shows
-the traceback.
+the traceback. SIGTERM or SIGINT during training stops after the current step with a checkpoint, one line on stderr
+and exit code 75 (train/preemption.py); the same command resumes.
 """
 
 import importlib.util
@@ -36,6 +37,7 @@ from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import checks
 from alignrec_jax.train import distributed
+from alignrec_jax.train import preemption
 from alignrec_jax.train import pretrain
 from alignrec_jax.train import probe
 from alignrec_jax.train import stage2
@@ -190,6 +192,11 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   try:
     _main(FLAGS)
+  except preemption.Preempted as e:  # not an error: the run checkpointed and the same command resumes it
+    if FLAGS.verbose:
+      raise
+    print(f"preempted: {_one_line(e)}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
   except Exception as e:  # every user-facing error: one line on stderr, exit 1; --verbose adds the traceback
     if FLAGS.verbose:
       raise

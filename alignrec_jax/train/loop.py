@@ -3,10 +3,12 @@
 A stage (`Pretraining` in pretrain.py, `Recommending` in stage2.py) supplies its loss, optimiser and batches and
 what happens at the end of a round (an epoch in stage 2, the steps up to a checkpoint in stage 1). The loop owns the
 rest: the devices and the data-parallel step (train/parallel.py), the NaN/Inf and divergence guards, progress lines
-with an ETA, a checkpoint after every round (train/state.py) and the resume that makes a killed and restarted run
-end exactly as an uninterrupted one. docs/architecture.md has the picture.
+with an ETA, a checkpoint after every round (train/state.py), a checkpoint of the unfinished round on SIGTERM or
+SIGINT (train/preemption.py), and the resume that makes a killed, stopped or preempted and restarted run end exactly
+as an uninterrupted one. docs/architecture.md has the picture.
 """
 
+import itertools
 import math
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from alignrec_jax.train import parallel
+from alignrec_jax.train import preemption
 from alignrec_jax.train import state as state_lib
 
 
@@ -146,52 +149,75 @@ def fit(stage: Stage, train_state: dict, devices: list, ckpt: state_lib.Checkpoi
 
   total = stage.total_steps(meta)
   pace = _Pace()
-  for round_ in stage.rounds(meta):
-    for key, value in stage.round_hyperparams(round_).items():
-      p_opt.hyperparams[key] = parallel.put_replicated(jnp.asarray(value, jnp.float32), devices)
-    if stage.inputs_per_round:
-      p_inputs = parallel.put_replicated(stage.round_inputs(inputs, round_), devices)
-    round_start = window_start = time.perf_counter()
-    sums, window, n_steps, window_steps = {}, {}, 0, 0
-    for step, batch in enumerate(stage.batches(round_, n_dev, rows)):
-      p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
-      # psummed over all devices: every local copy holds the whole batch's values. Blocking on each step also
-      # keeps back-to-back all-reduces from deadlocking the CPU backend.
-      metrics = jax.tree.map(float, parallel.get_replicated(jax.block_until_ready(metrics), devices))
-      if not math.isfinite(metrics["loss"]):
-        last = ckpt.latest_step()
-        kept = (f"checkpoint ({stage.checkpoint_name(last)}) is kept in {ckpt.directory}" if last else
-                "state was never checkpointed (the first round failed)")
-        raise FloatingPointError(f"loss is {metrics['loss']} at {stage.position_name(round_, step)} (parts: "
-                                 f"{metrics}); stopped. The last good {kept}: {stage.nan_hint}")
-      if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
-        meta["first_loss"] = metrics["loss"]
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + v
-        window[k] = window.get(k, 0.0) + v
-      n_steps += 1
-      window_steps += 1
-      pace.step_done()
-      meta["steps"] = meta.get("steps", 0) + 1
-      if stage.log_every and (meta["steps"] in (1, total) or meta["steps"] % stage.log_every == 0):
-        window_rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
-        row = {k: v / window_steps for k, v in window.items()}
-        row["step"] = meta["steps"]
-        stage.log_window(row, window_rate, meta)
-        logging.info("%s step %d%s: %s, %.2f steps/s%s", stage.name, meta["steps"], f"/{total}" if total else "",
-                     ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step" and k not in stage.unlogged),
-                     window_rate, f", ETA {pace.eta(total - meta['steps'])}" if total else "")
-        window, window_start, window_steps = {}, time.perf_counter(), 0
-    if not n_steps:
-      break
-    means = {k: v / n_steps for k, v in sums.items()}
-    _check_divergence(stage, meta, round_, means["loss"], ckpt)
-    means["train_s"] = time.perf_counter() - round_start
-    checkpoint_step, stop, line = stage.end_round(round_, means, meta, representations)
-    ckpt.save(checkpoint_step, parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices), meta)
-    if line:
-      logging.info("%s %s: %s%s", stage.name, stage.position_name(round_, None), line,
-                   f" | ETA {pace.eta(total - meta['steps'])} at most" if total and not stop else "")
-    if stop:
-      break
+  with preemption.listening() as listener:
+    for round_ in stage.rounds(meta):
+      for key, value in stage.round_hyperparams(round_).items():
+        p_opt.hyperparams[key] = parallel.put_replicated(jnp.asarray(value, jnp.float32), devices)
+      if stage.inputs_per_round:
+        p_inputs = parallel.put_replicated(stage.round_inputs(inputs, round_), devices)
+      # a round stopped by a signal (a preemption checkpoint) goes on where it stopped, with its sums so far
+      partial = meta.pop("partial", None) or {}
+      if partial and partial["round"] != round_:
+        raise state_lib.CheckpointError(f"the preemption checkpoint in {ckpt.directory} holds round "
+                                        f"{partial['round']}, but the run resumes at round {round_}")
+      done = partial.get("step", 0)
+      sums, window = dict(partial.get("sums", {})), dict(partial.get("window", {}))
+      n_steps, window_steps = done, partial.get("window_steps", 0)
+      round_start = window_start = time.perf_counter() - partial.get("train_s", 0.0)
+      batches = itertools.islice(stage.batches(round_, n_dev, rows), done, None)
+      for step, batch in enumerate(batches, start=done):
+        p_params, p_opt, metrics = step_fn(p_params, p_opt, p_inputs, batch)
+        # psummed over all devices: every local copy holds the whole batch's values. Blocking on each step also
+        # keeps back-to-back all-reduces from deadlocking the CPU backend.
+        metrics = jax.tree.map(float, parallel.get_replicated(jax.block_until_ready(metrics), devices))
+        if not math.isfinite(metrics["loss"]):
+          last = ckpt.latest_step()
+          kept = (f"checkpoint ({stage.checkpoint_name(last)}) is kept in {ckpt.directory}" if last else
+                  "state was never checkpointed (the first round failed)")
+          raise FloatingPointError(f"loss is {metrics['loss']} at {stage.position_name(round_, step)} (parts: "
+                                   f"{metrics}); stopped. The last good {kept}: {stage.nan_hint}")
+        if meta.get("first_loss") is None:  # the untrained model's loss: the divergence guard's reference
+          meta["first_loss"] = metrics["loss"]
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + v
+          window[k] = window.get(k, 0.0) + v
+        n_steps += 1
+        window_steps += 1
+        pace.step_done()
+        meta["steps"] = meta.get("steps", 0) + 1
+        if stage.log_every and (meta["steps"] in (1, total) or meta["steps"] % stage.log_every == 0):
+          window_rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+          row = {k: v / window_steps for k, v in window.items()}
+          row["step"] = meta["steps"]
+          stage.log_window(row, window_rate, meta)
+          logging.info("%s step %d%s: %s, %.2f steps/s%s", stage.name, meta["steps"], f"/{total}" if total else "",
+                       ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step" and k not in stage.unlogged),
+                       window_rate, f", ETA {pace.eta(total - meta['steps'])}" if total else "")
+          window, window_start, window_steps = {}, time.perf_counter(), 0
+        signal_name = listener.requested(meta["steps"])
+        if signal_name:
+          partial = {"round": round_, "step": n_steps, "sums": sums, "window": window, "window_steps": window_steps,
+                     "train_s": time.perf_counter() - round_start}
+          saved = ckpt.save_preempted(parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices),
+                                      dict(meta, partial=partial))
+          raise preemption.Preempted(
+              f"{signal_name} received: stopped after {stage.position_name(round_, step)} with a checkpoint "
+              f"(step {saved} in {ckpt.directory}/{state_lib.PREEMPTED}); rerun the same command to resume")
+      if not n_steps:
+        break
+      means = {k: v / n_steps for k, v in sums.items()}
+      _check_divergence(stage, meta, round_, means["loss"], ckpt)
+      means["train_s"] = time.perf_counter() - round_start
+      checkpoint_step, stop, line = stage.end_round(round_, means, meta, representations)
+      ckpt.save(checkpoint_step, parallel.get_replicated({"params": p_params, "opt_state": p_opt}, devices), meta)
+      if line:
+        logging.info("%s %s: %s%s", stage.name, stage.position_name(round_, None), line,
+                     f" | ETA {pace.eta(total - meta['steps'])} at most" if total and not stop else "")
+      signal_name = listener.requested(meta["steps"]) if not stop else None
+      if signal_name:  # came during the evaluation: the round's own checkpoint is the one to resume from
+        raise preemption.Preempted(f"{signal_name} received: stopped {stage.checkpoint_name(checkpoint_step)} "
+                                   f"(checkpoint {checkpoint_step} in {ckpt.directory}); rerun the same command "
+                                   "to resume")
+      if stop:
+        break
   return meta

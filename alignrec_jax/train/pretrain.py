@@ -152,7 +152,9 @@ class Pretraining(loop.Stage):
     self.loss = ica_share(model, _loss_kwargs(pre, tokenizer), n_devices)
 
   def rounds(self, meta: dict) -> range:
-    return range(meta.get("steps", 0) // self.every, -(-self.config.pretrain.steps // self.every))
+    # a preemption checkpoint may hold every step of its round, but not the round's end (its checkpoint)
+    first = meta["partial"]["round"] if "partial" in meta else meta.get("steps", 0) // self.every
+    return range(first, -(-self.config.pretrain.steps // self.every))
 
   def total_steps(self, meta: dict) -> int:
     return self.config.pretrain.steps
@@ -208,7 +210,7 @@ def _pretrain(config, workdir: str) -> dict:
 
   with _checkpointer(workdir) as ckpt:
     meta = {"history": [], "steps": 0}
-    newest = ckpt.restore_latest({"params": params, "opt_state": opt_state})
+    newest = ckpt.restore_for_resume({"params": params, "opt_state": opt_state})
     if newest is not None:
       start, restored, meta = newest
       params, opt_state = restored.pop("params"), restored.pop("opt_state")
@@ -232,7 +234,7 @@ def _pretrain(config, workdir: str) -> dict:
     meta.update(tokenizer=tokenizer.fingerprint(), n_items=n_items, n_params=n_params, size=pre.size)
     if newest is None and pre.steps == 0:  # keep the initial (random or loaded) encoder as the checkpoint
       ckpt.save(0, {"params": params, "opt_state": opt_state}, meta)
-    if meta["steps"] >= pre.steps:
+    if meta["steps"] >= pre.steps and "partial" not in meta:
       logging.info("pretrain: %d steps already done in %s", meta["steps"], ckpt.directory)
       return _summary(meta)
     train_state = {"params": params, "opt_state": opt_state, "inputs": None}  # fit empties it: no host copy stays

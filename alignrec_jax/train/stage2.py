@@ -186,14 +186,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                config.model.name, n_params, len(devices), jax.process_count(), n_summed, devices)
 
   with state_lib.Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints) as ckpt:
-    meta = _fresh_meta()
-    latest = ckpt.restore_latest({"params": params, "opt_state": opt_state})  # damaged steps are moved aside
+    meta = dict(_fresh_meta(), sampler_state=sampler.get_state())  # a round stopped by a signal resumes from it
+    # damaged steps are moved aside; a preemption checkpoint newer than the latest epoch is taken
+    latest = ckpt.restore_for_resume({"params": params, "opt_state": opt_state})
     if latest is not None:
       _, restored, meta = latest
       params, opt_state = restored.pop("params"), restored.pop("opt_state")
-      sampler.set_state(meta["sampler_state"])
-      logging.info("resumed from %s after epoch %d (best valid %s = %.4f at epoch %d)", ckpt.directory,
-                   meta["epoch"], config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
+      sampler.set_state(meta["sampler_state"])  # the state at the start of the round to run (or resume)
+      within = f", {meta['partial']['step']} steps into epoch {meta['epoch'] + 1}" if "partial" in meta else ""
+      logging.info("resumed from %s after epoch %d%s (best valid %s = %.4f at epoch %d)", ckpt.directory,
+                   meta["epoch"], within, config.eval.valid_metric, meta["best_value"], meta["best_epoch"])
     train_state = {"params": params, "opt_state": opt_state, "inputs": inputs}  # fit empties it: no host copy stays
     del params, opt_state, inputs
     meta = loop.fit(stage, train_state, devices, ckpt, meta)

@@ -11,6 +11,11 @@ every checkpoint names (`best_step`): the choice lives on disk, so a run resumed
 best checkpoint as an uninterrupted one. Writes are synchronous and orbax finalises a step by an atomic rename, so a
 run killed at any moment leaves the previous complete checkpoint to resume from.
 
+A run stopped by SIGTERM/SIGINT (train/preemption.py) also leaves `<directory>/preempted/<steps>`: the state in the
+middle of a round, with the loop's sums of that round in its meta (`partial`). `restore_for_resume` prefers it when it
+is newer than the latest finished step; the next finished step deletes it. Nothing else reads it: the numbered steps
+stay finished rounds, and the best step is always one of them.
+
 Every restore recomputes the checksums of what it read. A damaged or unreadable latest step (a flipped byte, a
 deleted file) is moved to `<workdir>/damaged_checkpoints/` with a warning and the newest intact step is used.
 """
@@ -33,6 +38,9 @@ import orbax.checkpoint as ocp
 
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.train import distributed
+
+
+PREEMPTED = "preempted"  # <directory>/preempted/: the state of a round stopped by a signal (train/preemption.py)
 
 
 class CheckpointError(ValueError):
@@ -217,6 +225,48 @@ class Checkpointer:
     for old in steps:
       if old not in keep:
         self.manager.delete(old)
+    self.drop_preempted()  # the finished step supersedes a preemption checkpoint of its round
+
+  def _preempted(self, create: bool) -> "Checkpointer":
+    return Checkpointer(os.path.join(self.directory, PREEMPTED), label=f"preemption {self.label}", create=create)
+
+  def save_preempted(self, state: Any, meta: dict) -> int:
+    """Saves the state of an unfinished round (train/loop.py puts its sums into `meta["partial"]`) as
+    `<directory>/preempted/<meta["steps"]>`, replacing an older one; the numbered steps are left as they are.
+    Returns the step number."""
+    self.drop_preempted()
+    with self._preempted(create=True) as ckpt:
+      ckpt.save(int(meta["steps"]), state, meta)
+    return int(meta["steps"])
+
+  def drop_preempted(self) -> None:
+    path = os.path.join(self.directory, PREEMPTED)
+    if distributed.is_main_process() and os.path.isdir(path):
+      shutil.rmtree(path)
+    if jax.process_count() > 1:
+      distributed.barrier(f"drop_preempted:{self.directory}")
+
+  def restore_for_resume(self, like: Any = None) -> Optional[tuple[int, Any, dict]]:
+    """`restore_latest`, or the preemption checkpoint when there is one newer than it (more steps done): where a
+    run resumes. A preemption checkpoint that is damaged or older is ignored with a warning (the run repeats its
+    round from the latest finished step, to the same end)."""
+    latest = self.restore_latest(like)
+    path = os.path.join(self.directory, PREEMPTED)
+    if not os.path.isdir(path):
+      return latest
+    with self._preempted(create=False) as ckpt:
+      try:
+        preempted = ckpt.restore_latest(like, quarantine=False)
+      except CheckpointError as e:
+        logging.warning("%s; resuming from the latest finished checkpoint instead", e)
+        preempted = None
+    if preempted is None:
+      return latest
+    if latest is not None and latest[2].get("steps", 0) >= preempted[2].get("steps", 0):
+      logging.warning("the preemption checkpoint in %s is older than %s's step %d: ignored", path, self.label,
+                      latest[0])
+      return latest
+    return preempted
 
   def restore(self, step: int, like: Any = None) -> tuple[Any, dict]:
     """(state, meta) of step `step`, in the structure of `like` (None: as saved), checksums verified.
