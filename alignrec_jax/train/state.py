@@ -244,7 +244,7 @@ class Checkpointer:
     if distributed.is_main_process() and os.path.isdir(path):
       shutil.rmtree(path)
     if jax.process_count() > 1:
-      distributed.barrier(f"drop_preempted:{self.directory}")
+      distributed.barrier(f"drop_preempted:{self.label}")  # not the path: each process may have its own workdir
 
   def restore_for_resume(self, like: Any = None) -> Optional[tuple[int, Any, dict]]:
     """`restore_latest`, or the preemption checkpoint when there is one newer than it (more steps done): where a
