@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 
 from absl import logging
@@ -202,13 +203,66 @@ def check_usable(workdir: str) -> None:
 def claimed(command, workdir: str, records=(), main_process: bool = True):
   """A stage's hold on `workdir`: usable, locked, every `(config, directory, stage)` of `records` checked against
   what that checkpoint directory holds (all of them before any is recorded), then recorded, and the `command`'s
-  config written to `<workdir>/config.json`. A refused run writes nothing."""
+  config written to `<workdir>/config.json`. A refused run writes nothing, and a run that fails before its first
+  checkpoint leaves the workdir as it found it (`_undo`): no tokenizer, dataset or recorded config of a run that
+  never trained refuses the corrected command."""
+  created = not os.path.isdir(workdir)
   check_usable(workdir)
+  try:
+    with _claimed(command, workdir, records, main_process):
+      yield
+  except BaseException:
+    if created and main_process:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # only when empty: the failed run made it and left nothing in it
+    raise
+
+
+@contextlib.contextmanager
+def _claimed(command, workdir: str, records, main_process: bool):
   with locked(workdir, main_process):
-    pending = [(config, directory) for config, directory, stage in records if _check(config, directory, stage)]
-    if main_process:
-      for config, directory in pending:
-        os.makedirs(directory, exist_ok=True)
-        atomic.write_json(os.path.join(directory, CONFIG_NAME), json.loads(config.to_json_best_effort()))
-      atomic.write_json(os.path.join(workdir, "config.json"), json.loads(command.to_json_best_effort()))
-    yield
+    found = set(os.listdir(workdir))
+    command_path = os.path.join(workdir, "config.json")
+    old_command = _read_bytes(command_path)
+    try:
+      pending = [(config, directory) for config, directory, stage in records if _check(config, directory, stage)]
+      if main_process:
+        for config, directory in pending:
+          os.makedirs(directory, exist_ok=True)
+          atomic.write_json(os.path.join(directory, CONFIG_NAME), json.loads(config.to_json_best_effort()))
+        atomic.write_json(command_path, json.loads(command.to_json_best_effort()))
+      yield
+    except BaseException:
+      if main_process:
+        _undo(workdir, found, command_path, old_command)
+      raise
+
+
+def _read_bytes(path: str):
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def _holds_checkpoint(path: str) -> bool:
+  """Whether `path` (a checkpoint folder or a workdir entry) holds a finished or a preemption checkpoint."""
+  return has_checkpoint(path) or has_checkpoint(os.path.join(path, "preempted"))
+
+
+def _undo(workdir: str, found: set, command_path: str, old_command) -> None:
+  """After a failed stage: removes what it added to `workdir` (entries not in `found`) and restores config.json,
+  unless it added a checkpoint, which the error message then names and a rerun resumes from."""
+  added = [os.path.join(workdir, name) for name in os.listdir(workdir) if name not in found and name != LOCK_NAME]
+  if any(_holds_checkpoint(path) for path in added):
+    return
+  for path in added:
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+  if old_command is not None and _read_bytes(command_path) != old_command:
+    with contextlib.suppress(OSError), atomic.atomic_open(command_path, "wb") as f:
+      f.write(old_command)

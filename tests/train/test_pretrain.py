@@ -268,6 +268,13 @@ def test_init_from_loads_the_encoder_and_leaves_the_heads_fresh(straight_run, tm
   with pytest.raises(DataError, match=f"text embedding has {small['vocab_size']} rows, the tokenizer "
                                       f"{model.vocab_size} ids"):
     pretrain_lib.pretrain(config, str(tmp_path / "small_run"))
+  # found after the tokenizer and the dataset were built: the failed run takes them away again, so the corrected
+  # command starts clean in the same workdir
+  assert not os.path.exists(tmp_path / "small_run")
+  with config.unlocked():
+    config.pretrain.init_from = str(tmp_path / "converted")
+  pretrain_lib.pretrain(config, str(tmp_path / "small_run"))
+  assert _params(config, str(tmp_path / "small_run"))[2] == 0
 
 
 def test_init_from_a_checkpoint_with_more_embedding_rows_than_tokenizer_ids_loads_them_all(straight_run, tmp_path):

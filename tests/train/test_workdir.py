@@ -221,3 +221,40 @@ def test_a_checkpoint_write_that_fails_for_space_is_one_line_and_leaves_no_tempo
     ckpt.save(3, {"w": np.ones(3, np.float32)}, {"epoch": 3})
   assert not [n for n in os.listdir(tmp_path / "ckpt") if "tmp" in n]
   ckpt.close()
+
+
+def _fail_inside_a_claim(workdir, write):
+  config = tiny_config("unused")
+  with pytest.raises(RuntimeError, match="the stage failed"):
+    with workdir_lib.claimed(config, str(workdir), [(config, str(workdir / "checkpoints"), 2)]):
+      assert json.loads((workdir / "config.json").read_text())["seed"] == config.seed
+      write(workdir)
+      raise RuntimeError("the stage failed")
+
+
+def _a_run_that_built_its_inputs(workdir):
+  (workdir / "tokenizer.spm").write_bytes(b"pieces")
+  (workdir / "tfds" / "item_content").mkdir(parents=True)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_workdir_as_it_found_it(tmp_path):
+  fresh = tmp_path / "fresh"
+  _fail_inside_a_claim(fresh, _a_run_that_built_its_inputs)
+  assert not fresh.exists()  # the run made the folder: it goes too
+  used = tmp_path / "used"
+  used.mkdir()
+  (used / "notes.txt").write_text("mine")
+  (used / "config.json").write_text('{"seed": -1}')
+  _fail_inside_a_claim(used, _a_run_that_built_its_inputs)
+  assert sorted(p.name for p in used.iterdir()) == ["config.json", "notes.txt"]
+  assert (used / "config.json").read_text() == '{"seed": -1}'  # the previous command's record, not the failed one
+
+
+@pytest.mark.parametrize("checkpoint", ["checkpoints/3", "checkpoints/preempted/40"])
+def test_a_run_that_fails_after_writing_a_checkpoint_keeps_everything(tmp_path, checkpoint):
+  def write(workdir):
+    _a_run_that_built_its_inputs(workdir)
+    (workdir / checkpoint).mkdir(parents=True)
+  _fail_inside_a_claim(tmp_path / "run", write)
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.json", "tfds",
+                                                                   "tokenizer.spm"]
