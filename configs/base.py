@@ -82,7 +82,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   train.num_devices = 0         # 0 = all local devices
   train.log_every_steps = 0     # 0 = one progress line per epoch
   train.keep_checkpoints = 1    # latest checkpoints kept besides the best
-  train.divergence_factor = 1e3  # stop when an epoch's mean loss exceeds this multiple of the first epoch's (0 = off)
+  train.divergence_factor = 1e3  # stop when an epoch's mean loss exceeds this multiple of the first step's (0 = off)
+  train.divergence_growth = 2.0  # ... or exceeds the first step's and this multiple of the lowest epoch mean (0 = off)
 
   # ---------------------------------------------------------------- evaluation (MMRec protocol, docs/method.md §8)
   config.eval = ev = ml_collections.ConfigDict()

@@ -119,6 +119,10 @@ def check_stage2(config) -> None:
     _fail("train.eval_every", config.train.eval_every, "must be 1: early stopping counts evaluated epochs, as the "
           "reference")
   _number(config, "train.divergence_factor", 0.0, low_open=False)
+  _number(config, "train.divergence_growth", 0.0, low_open=False)
+  if 0 < config.train.divergence_growth <= 1:
+    _fail("train.divergence_growth", config.train.divergence_growth, "must be 0 (off) or above 1: a loss that "
+          "only matches its lowest epoch has not grown")
   _number(config, "optim.lr", 0.0)
   _number(config, "optim.lr_decay", 0.0)
   _number(config, "optim.lr_decay_every", 0.0)

@@ -51,7 +51,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def _fresh_meta() -> dict:
   return {"epoch": -1, "sampler_state": "", "best_value": -1.0, "best_epoch": -1, "best_step": -1, "bad_epochs": 0,
-          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False, "first_loss": None}
+          "best_valid": {}, "best_test": {}, "history": [], "stopped_early": False, "first_loss": None,
+          "lowest_loss": None}
 
 
 def _results(meta: dict, config) -> dict:
@@ -74,6 +75,7 @@ class Recommending(loop.Stage):
     self.loss = model.loss
     self.tx = make_optimizer(config)
     self.divergence_factor = float(config.train.divergence_factor)
+    self.divergence_growth = float(config.train.divergence_growth)
     self.log_every = int(config.train.log_every_steps)
     self.inputs_per_round = model.inputs_change_per_epoch
     self.evaluators = evaluators.build(data, config)

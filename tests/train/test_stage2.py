@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from alignrec_jax.data import mmrec
+from alignrec_jax.train import loop
 from alignrec_jax.train import stage2
 from alignrec_jax.train import state as state_lib
 from configs import base
@@ -129,7 +130,62 @@ def test_a_diverging_finite_loss_stops_the_run_with_an_error(tmp_path):
                                                       r"config.train.divergence_factor=1000 x the first step's loss"):
     stage2.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "results.json").exists()
-  assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was checkpointed: the workdir is left as found
+
+
+class _Guarded(loop.Stage):
+  divergence_factor, divergence_growth = 1e3, 2.0
+
+  def position_name(self, round_, step):
+    return f"epoch {round_}"
+
+
+class _NoCheckpoints:
+  def latest_step(self):
+    return None
+
+
+def _first_tripped(means, first_loss, stage=None):
+  """The round at which the guard stops a run whose round means are `means`, or None."""
+  meta = {"first_loss": first_loss}
+  for round_, mean in enumerate(means):
+    try:
+      loop._check_divergence(stage or _Guarded(), meta, round_, mean, _NoCheckpoints())
+    except stage2.DivergenceError as e:
+      return round_, str(e)
+  return None
+
+
+def test_the_divergence_guard_stops_a_loss_that_keeps_growing_and_spares_one_that_falls():
+  # lfm2k at optim.lr=5 (first step 0.979): 47 -> 97.15 is above 0.979 and 2 x 47
+  tripped = _first_tripped([47.0, 97.15, 133.28, 150.93], first_loss=0.979)
+  assert tripped[0] == 1
+  assert ("epoch 1's mean loss 97.15 has grown above the first step's loss 0.979 and above "
+          "config.train.divergence_growth=2 x the lowest epoch mean 47") in tripped[1]
+  # a falling loss that rebounds to twice its lowest is still below the untrained model's loss: no alarm
+  assert _first_tripped([0.60, 0.30, 0.20, 0.45, 0.90], first_loss=0.98) is None
+  # above the first step's loss but not twice the lowest (a noisy plateau): no alarm; then twice: stopped
+  assert _first_tripped([1.2, 1.5, 1.9, 2.3], first_loss=0.98) is None
+  assert _first_tripped([1.2, 1.5, 1.9, 2.5], first_loss=0.98)[0] == 3
+  off = _Guarded()
+  off.divergence_growth = 0.0
+  assert _first_tripped([47.0, 97.15, 133.28, 150.93], first_loss=0.979, stage=off) is None
+
+
+def test_a_steadily_growing_loss_stops_the_run_and_a_rerun_stops_the_same_way(tmp_path):
+  root = write_dataset(tmp_path / "data")
+  config = tiny_config(root, epochs=6)
+  config.optim.lr = 10.0  # mean loss 53, 120, 114, 121, 181, ...: far from the factor of 1000, but growing
+  for _ in range(2):  # the rerun resumes from epoch 0's checkpoint, which carries the lowest mean
+    with pytest.raises(stage2.DivergenceError, match=r"the run diverged: epoch 1's mean loss .* has grown above the "
+                                                        r"first step's loss .* and above config.train.divergence_"
+                                                        r"growth=2 x the lowest epoch mean .* \(the last checkpoint, "
+                                                        r"after epoch 0, stays\)"):
+      stage2.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "results.json").exists()
+  config.train.divergence_growth = 0.0
+  results = stage2.run(config, str(tmp_path / "unguarded"))
+  assert len(results["history"]) == 6
 
 
 def test_corrupt_features_and_missing_checkpoints_are_clear_errors(tmp_path):
