@@ -50,7 +50,6 @@ from alignrec_jax.data.mmrec import DataError
 from alignrec_jax.data.mmrec import HELD_OUT_SPLITS
 from alignrec_jax.errors import ConfigError
 from alignrec_jax.models import get_model
-from alignrec_jax.models import registered
 from alignrec_jax.train import distributed
 from alignrec_jax.train import preemption
 from alignrec_jax.train import stage2
@@ -112,18 +111,14 @@ def apply_overrides(config, model_name: str, seed: int, overrides: dict):
 def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str) -> dict:
   """results.json of one run, training it unless it is already there (then its recorded settings must match).
 
-  The recorded identity holds the resolved config of the run (less the other models' config.model.<name>
-  sections), so a result trained under other settings (a config file changed since, another --config.* override)
-  is refused instead of silently reused."""
+  The recorded identity holds the run's settings as a resume compares them (workdir.fingerprint: less the other
+  models' config.model.<name> sections, export and logging keys) and its train.epochs, so a result trained under
+  other settings (a config file changed since, another --config.* override) is refused instead of silently
+  reused."""
   os.makedirs(workdir, exist_ok=True)
   run_config = apply_overrides(config, model_name, seed, overrides)
-  settings = json.loads(run_config.to_json())
-  for other in registered():  # another model's own section (config.model.<name>) cannot change this run
-    if other != model_name:
-      settings.get("model", {}).pop(other, None)
-  settings.pop("export", None)  # read only by the export stage, after training
   identity = json.loads(json.dumps({"model": model_name, "seed": int(seed), "overrides": overrides,
-                                    "config": settings}))
+                                    "config": _settings(json.loads(run_config.to_json()))}))
   id_path = os.path.join(workdir, "compare_run.json")
   recorded_before = os.path.exists(id_path)  # results.json counts only with an identity that vouches for it
   if recorded_before:
@@ -134,6 +129,8 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       logging.warning("%s was recorded without its config (an older alignrec_jax): checking model, seed and "
                       "overrides only; its settings may differ from this config's", workdir)
       checked = {k: v for k, v in identity.items() if k != "config"}
+    else:  # the same filter on both sides, whichever version recorded it (nested or flat, more keys or fewer)
+      recorded = {**recorded, "config": _settings(recorded["config"])}
     if recorded != checked:
       old, new = workdir_lib.flatten(recorded), workdir_lib.flatten(checked)
       differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
@@ -149,6 +146,12 @@ def train_once(config, model_name: str, seed: int, overrides: dict, workdir: str
       return json.load(f)
   logging.info("training %s, seed %d, overrides %s in %s", model_name, seed, overrides, workdir)
   return stage2.run(run_config, workdir)
+
+
+def _settings(config_json: dict) -> dict:
+  """What a results.json depends on: the keys a resume compares (workdir.fingerprint), and the epochs trained."""
+  flat = workdir_lib.flatten(config_json)
+  return {**workdir_lib.fingerprint(flat, 2), "train.epochs": flat.get("train.epochs")}
 
 
 def select_on_grid(config, model_name: str, seed: int, workdir: str, metric: str,

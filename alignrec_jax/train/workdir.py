@@ -33,7 +33,7 @@ CONFIG_NAME = "run_config.json"
 
 # Stage 2 (`<workdir>/checkpoints`): every key except these prefixes.
 STAGE2_IGNORED = ("stage", "train.epochs", "train.log_every_steps", "train.keep_checkpoints", "pretrain.",
-                  "probe.")
+                  "probe.", "export.")
 # Stage 1 (`<workdir>/pretrain`): only what pre-training reads (prefixes), minus logging/checkpoint cadence.
 STAGE1_KEYS = ("seed", "data.root", "data.items_file", "data.synthetic", "pretrain.", "train.num_devices")
 STAGE1_IGNORED = ("pretrain.log_every", "pretrain.checkpoint_every", "pretrain.extract_batch_size")
@@ -137,7 +137,9 @@ def resolved_config(config) -> dict:
   return flatten(json.loads(config.to_json_best_effort()))
 
 
-def _compared(flat: dict, stage: int) -> dict:
+def fingerprint(settings: dict, stage: int) -> dict:
+  """The keys of `settings` (a config as JSON, nested or flat) that can change what `stage` (1 or 2) trains."""
+  flat = flatten(settings)
   if stage == 1:
     return {k: v for k, v in flat.items() if _matches(k, STAGE1_KEYS) and not _matches(k, STAGE1_IGNORED)}
   # another model's own section (config.model.<other>.*) cannot change this model's run
@@ -165,7 +167,7 @@ def check_or_record(config, directory: str, stage: int, main_process: bool = Tru
 def _check(config, directory: str, stage: int) -> bool:
   """check_or_record's check; True when `config` is still to be recorded for `directory`."""
   path = os.path.join(directory, CONFIG_NAME)
-  now = _compared(resolved_config(config), stage)
+  now = fingerprint(resolved_config(config), stage)
   if has_checkpoint(directory):
     if not os.path.isfile(path):
       logging.warning("%s holds checkpoints but no %s (written by an older version): its settings cannot be "
@@ -174,7 +176,7 @@ def _check(config, directory: str, stage: int) -> bool:
     else:
       try:
         with open(path, "r", encoding="utf-8") as f:
-          stored = _compared(flatten(json.load(f)), stage)
+          stored = fingerprint(json.load(f), stage)
       except (OSError, ValueError) as e:
         raise WorkdirError(f"{path} is unreadable ({e}); use a fresh --workdir") from None
       # keys only one side has (added or removed by a code update) keep their old behaviour: not compared
