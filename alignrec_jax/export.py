@@ -145,7 +145,7 @@ def config_for_export(config: ml_collections.ConfigDict, workdir: str) -> ml_col
                    f"takes only the settings {', '.join(EXPORT_FREE)} (drop the override, or train a new run)")
   out = trained.copy_and_resolve_references()
   with out.unlocked():
-    out.export = config.get("export", ml_collections.ConfigDict({"k": 50, "users": "all"}))
+    out.export = config.export
     out.eval.batch_users = config.eval.batch_users
     out.train.num_devices = config.train.num_devices
   return out
@@ -242,7 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  export_config = config.get("export", ml_collections.ConfigDict({"k": 50, "users": "all"}))
+  export_config = config.export
   k, which = int(export_config.k), str(export_config.users)
   if k < 1:
     raise RunError(f"config.export.k={k} must be >= 1")
@@ -278,7 +278,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    "topk": [int(len(split.users)), min(k, data.n_items)], "topk_rows": n_rows},
         "cold_items": ({name: [int(i) for i in items] for name, items in data.cold_items.items()}
                        if data.cold_items else None),  # items held out of training (their rows: model.cold_start)
-        "cold_start": config.model.get("cold_start", "own"),
+        "cold_start": config.model.cold_start,
         "sha256": {name: _sha256(os.path.join(tmp, name)) for name in FILES},
         "config": json.loads(config.to_json_best_effort()),
     }
@@ -321,12 +321,11 @@ def read_item_table(path: str, text_column: str, n_items: int) -> dict:
 def _item_table_path(config: ml_collections.ConfigDict) -> str:
   """The configured item table, else the data's items.tsv when there is one ('' when there is none)."""
   root = os.path.expanduser(config.data.root)
-  export_config = config.get("export", {})
-  name = export_config.get("item_table", "") or config.data.get("items_file", "")
+  name = config.export.item_table or config.data.items_file
   if not name:
     return ""
   path = name if os.path.isabs(name) else os.path.join(root, name)
-  if not export_config.get("item_table", "") and not os.path.isfile(path):
+  if not config.export.item_table and not os.path.isfile(path):
     return ""  # the default items.tsv is optional
   return path
 
@@ -420,7 +419,7 @@ class Run:
 
   def _encode(self, items: str) -> tuple[dict, tuple]:
     """({slot: [n, d]}, texts) of an items.tsv-layout file, from the stage-1 workdir the run's features came from."""
-    stage1 = os.path.expanduser(str(self.config.data.get("features_from", "")))
+    stage1 = os.path.expanduser(str(self.config.data.features_from))
     if not stage1:
       raise RunError(f"add_items(items={items}): the features of {self.workdir} did not come from stage 1 "
                      f"(data.features_from is empty; they are data.image_feat={self.config.data.image_feat!r}), so no "
@@ -431,7 +430,7 @@ class Run:
                      "add_items(features={slot: [n, d]})")
     try:
       table, texts = pretrain.encode_items(stage1, os.path.expanduser(items),
-                                           self.config.data.get("features_variant", "full"))
+                                           self.config.data.features_variant)
     except (ValueError, OSError) as e:  # DataError (a ValueError) names the file and line
       raise RunError(f"add_items(items={items}): {e}") from None
     return {"image": table}, texts
@@ -443,7 +442,7 @@ class Run:
     n_trained = self._trained_emb.shape[0]
     if self.n_items == n_trained:
       raise RunError("save_export: no items were added (add_items first); the run's own export is `export/`")
-    k = int(self.config.get("export", {}).get("k", 50))
+    k = int(self.config.export.k)
     split = ranking.make_user_split(self.data, np.arange(self.n_users), name="all")
     top = ranking.topk_items(self.user_emb, self.item_emb, split, k=k, batch_users=self.config.eval.batch_users)
     out_dir = os.path.join(self.workdir, f"{EXPORT_DIR}_added_{self.n_items}")
@@ -609,7 +608,7 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
     raise RunError(f"the vectors of {workdir} ({user_emb.shape[0]} users, {item_emb.shape[0]} items) do not match "
                    f"its data ({data.n_users} users, {data.n_items} items)")
   table_path = _item_table_path(config)
-  text_column = config.get("export", {}).get("item_text", "text")
+  text_column = config.export.item_text
   items = read_item_table(table_path, text_column, data.n_items) if table_path else None
   return Run(workdir, config, results, data, user_emb, item_emb, items, slots)
 

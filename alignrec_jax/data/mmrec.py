@@ -317,7 +317,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
   for ids, field in ((users, data_config.user_field), (items, data_config.item_field)):
     check_id_range(ids, inter_path, field, lines)
   n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-  keep = repeated_rows(users, items, splits, lines, inter_path, data_config.get("drop_duplicates", False))
+  keep = repeated_rows(users, items, splits, lines, inter_path, data_config.drop_duplicates)
   users, items, splits = users[keep], items[keep], splits[keep]
   pairs = np.stack([users, items], axis=1).astype(np.int32)
   by_split = {name: pairs[splits == label] for label, name in enumerate(SPLITS)}
@@ -344,21 +344,21 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> RecData:
     held_out[name] = rows
 
   features = {}
-  if data_config.image_feat and not data_config.get("features_from", ""):
+  if data_config.image_feat and not data_config.features_from:
     features["image"] = load_features(_resolve(root, data_config.image_feat), n_items)
   if data_config.text_feat:
     features["text"] = load_features(_resolve(root, data_config.text_feat), n_items)
   return RecData(name=data_config.name, n_users=n_users, n_items=n_items, train=train, features=features,
-                 cold_items=cold_items, inductive=bool(cold_items) and bool(data_config.get("cold_inductive", False)),
+                 cold_items=cold_items, inductive=bool(cold_items) and bool(data_config.cold_inductive),
                  **held_out)
 
 
 def _apply_protocols(by_split: dict, data_config: ml_collections.ConfigDict,
                      inter_path: str) -> tuple[dict, dict]:
   """The cold-start and sparse-user protocols of `config.data` on the file's splits (data/protocols.py)."""
-  cold_fraction = float(data_config.get("cold_items", 0.0))
-  train_fraction = float(data_config.get("train_fraction", 1.0))
-  seed = int(data_config.get("split_seed", 0))
+  cold_fraction = float(data_config.cold_items)
+  train_fraction = float(data_config.train_fraction)
+  seed = int(data_config.split_seed)
   cold_items = {}
   try:
     if cold_fraction:

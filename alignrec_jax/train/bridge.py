@@ -109,11 +109,11 @@ def load_feature_table(workdir: str, n_items: int, variant: str = "full") -> np.
 def load_dataset(data_config: ml_collections.ConfigDict) -> mmrec.RecData:
   """`mmrec.load_dataset`, after generating the default data (process 0 first) when `data.synthetic`, and with the
   stage-1 table of `data.features_from` (variant `data.features_variant`) in the image slot when it is set."""
-  if data_config.get("synthetic", False):  # process 0 generates it once, the others then find it
+  if data_config.synthetic:  # process 0 generates it once, the others then find it
     distributed.main_process_first(synthetic.ensure_synthetic_dataset, os.path.expanduser(data_config.root))
   data = mmrec.load_dataset(data_config)
-  if not data_config.get("features_from", ""):
+  if not data_config.features_from:
     return data
   table = load_feature_table(os.path.expanduser(data_config.features_from), data.n_items,
-                             variant=data_config.get("features_variant", "full"))
+                             variant=data_config.features_variant)
   return dataclasses.replace(data, features={**data.features, "image": table})

@@ -2,12 +2,12 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from alignrec_jax.data import mmrec
 from alignrec_jax.data.mmrec import DataError
+from configs.base import get_base_config
 from tests.conftest import shared_data_dir
 
 GOOD = "userID\titemID\trating\tx_label\n" + "".join(
@@ -16,7 +16,8 @@ GOOD = "userID\titemID\trating\tx_label\n" + "".join(
 
 
 def _config(root, **overrides):
-  config = ml_collections.ConfigDict(dict(
+  config = get_base_config().data  # every key the loader reads; the test's own values below
+  config.update(dict(
       name="toy", root=str(root), inter_file="", user_field="userID", item_field="itemID", split_field="x_label",
       image_feat="", text_feat="", features_from="", features_variant="full", filter_cold_start=True,
       synthetic=False))

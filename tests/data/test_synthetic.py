@@ -10,6 +10,7 @@ import pytest
 
 from alignrec_jax.data import content, mmrec, synthetic
 from alignrec_jax.eval import ranking
+from configs.base import get_base_config
 
 SMALL = dict(n_users=60, n_items=48, n_topics=4, mean_interactions=8, image_size=16)
 
@@ -26,10 +27,12 @@ def _digest(root: str) -> dict:
 
 
 def _config(root: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  config = get_base_config().data  # every key the loader reads; the test's own values below
+  config.update(dict(
       name="default", root=root, inter_file="", user_field="userID", item_field="itemID", split_field="x_label",
       image_feat="image_feat.npy", text_feat="", features_from="", features_variant="full", filter_cold_start=True,
       synthetic=True))
+  return config
 
 
 @pytest.fixture(scope="module")
