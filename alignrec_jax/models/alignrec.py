@@ -63,12 +63,8 @@ class AlignRec(Recommender):
     m = config.model
     if m.sim_target not in ("current", "frozen"):
       raise ConfigError(f"config.model.sim_target={m.sim_target!r}: expected 'current' or 'frozen'")
-    if m.propagation not in graph_lib.PROPAGATION_METHODS:
-      raise ConfigError(f"config.model.propagation={m.propagation!r}: expected one of "
-                        f"{graph_lib.PROPAGATION_METHODS}")
-    for key in ("embedding_size", "knn_k"):
-      if m[key] < 1:
-        raise ConfigError(f"config.model.{key}={m[key]} must be >= 1")
+    if m.knn_k < 1:
+      raise ConfigError(f"config.model.knn_k={m.knn_k} must be >= 1")
     super().__init__(config)
 
   def build_inputs(self, data: RecData) -> AlignRecInputs:

@@ -8,6 +8,7 @@ Each stage calls the check of what it reads first (`check_stage1`, `check_stage2
 import numbers
 import os
 
+from alignrec_jax import graph as graph_lib
 from alignrec_jax import models
 from alignrec_jax.data.mmrec import COLD_SPLITS
 from alignrec_jax.data.mmrec import HELD_OUT_SPLITS
@@ -130,6 +131,8 @@ def check_stage2(config) -> None:
   if config.model.name not in models.registered():
     _fail("model.name", config.model.name, f"is not a registered model {tuple(models.registered())}")
   _int(config, "model.embedding_size", 1)
+  if config.model.propagation not in graph_lib.PROPAGATION_METHODS:
+    _fail("model.propagation", config.model.propagation, f"must be one of {graph_lib.PROPAGATION_METHODS}")
   if not config.data.name:
     _fail("data.name", config.data.name, "is empty: set the dataset name (the .inter file is <root>/<name>.inter)")
   if not isinstance(config.data.drop_duplicates, bool):

@@ -26,7 +26,7 @@ MODALITIES = (("image", "v"), ("text", "t"))
 def hparams(config: ml_collections.ConfigDict, name: str, defaults: ml_collections.ConfigDict):
   """The model's hyper-parameters: `defaults` overridden by config.model.<name> (a key it does not know is an error).
 
-  The result also carries the shared config.model.embedding_size as `embedding_size` unless the model sets its own.
+  The result also carries the shared config.model.embedding_size as `embedding_size`.
   """
   hp = ml_collections.ConfigDict(defaults.to_dict())
   given = config.model.get(name, None)
@@ -36,8 +36,7 @@ def hparams(config: ml_collections.ConfigDict, name: str, defaults: ml_collectio
         raise ConfigError(f"config.model.{name}.{key}: unknown hyper-parameter of model {name!r}; known: "
                           f"{sorted(hp.keys())}")
       hp[key] = value
-  if "embedding_size" not in hp:
-    hp.embedding_size = int(config.model.embedding_size)
+  hp.embedding_size = int(config.model.embedding_size)
   return hp
 
 
@@ -180,9 +179,7 @@ class Baseline(Recommender):
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    self.hp = hparams(config, self.name, self.default_config())
-    if self.hp.embedding_size < 1:
-      raise ConfigError(f"config.model.embedding_size={self.hp.embedding_size} must be >= 1")
+    self.hp = hparams(config, self.name, self.default_config())  # embedding_size is checked with the config
     self.seed = int(config.seed)
 
   def loss(self, params: dict, inputs, batch: dict, axis_name: Optional[str] = None):
