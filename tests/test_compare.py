@@ -105,13 +105,20 @@ def test_compare_two_models_two_seeds(tmp_path):
   assert reused == result["models"]["bprmf"]["runs"]["5"]
   other.export.k = 7  # nor do the export stage's settings
   assert compare.compare(other, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"] == reused
+  # An identity recorded with the whole nested config (as older versions wrote it) is read the same way.
+  id_path = os.path.join(out, "bprmf", "seed5", "compare_run.json")
+  with open(id_path) as f:
+    nested = json.load(f)
+  nested["config"] = json.loads(compare.apply_overrides(config, "bprmf", 5, nested["overrides"]).to_json())
+  with open(id_path, "w") as f:
+    json.dump(nested, f)
+  assert compare.compare(config, ["bprmf"], 1, out)["models"]["bprmf"]["runs"]["5"] == reused
   # A config changed since (same model, seed and overrides) is a different run too, and the error names the key.
   changed = copy.deepcopy(config)
   changed.model.bprmf.reg_weight = 0.5
   with pytest.raises(ValueError, match=r"different run \(1 settings differ: config\.model\.bprmf\.reg_weight"):
     compare.compare(changed, ["bprmf"], 1, out)
   # A directory recorded by an older version (no config in its identity) is still matched on the rest.
-  id_path = os.path.join(out, "bprmf", "seed5", "compare_run.json")
   with open(id_path) as f:
     legacy = {k: v for k, v in json.load(f).items() if k != "config"}
   with open(id_path, "w") as f:
