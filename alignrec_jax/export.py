@@ -163,8 +163,12 @@ def best_vectors(config: ml_collections.ConfigDict, workdir: str,
     params, meta = state_lib.restore_best_params(directory, params, opt_state)
   except FileNotFoundError as e:
     raise RunError(str(e)) from None
-  except ValueError as e:  # a checkpoint of another model or config (the checkpointer compares every shape)
-    raise RunError(f"{e} (export with the config the run was trained with)") from None
+  except state_lib.CheckpointError as e:  # damaged, or another model or config (the checkpointer checks both)
+    advice = state_lib.what_to_do(e.kind)
+    message = str(e).removesuffix("; " + advice)  # the resume's advice, replaced by the export's
+    if e.kind == state_lib.MISMATCH:
+      raise RunError(f"{message} (export with the config the run was trained with)") from None
+    raise RunError(f"{message}; it cannot be exported as it is: {advice.replace('rerun', 'export')}") from None
   devices = parallel.local_devices(config.train.num_devices)
   representations = parallel.device_map(lambda p, i, axis_name: model.representations(p, i), devices)
   user_emb, item_emb = parallel.get_replicated(

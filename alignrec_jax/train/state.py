@@ -43,8 +43,18 @@ from alignrec_jax.train import distributed
 PREEMPTED = "preempted"  # <directory>/preempted/: the state of a round stopped by a signal (train/preemption.py)
 
 
+DAMAGED, MISMATCH = "damaged", "mismatch"  # CheckpointError.kind: what the user does differs (retrain vs the config)
+
+
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be used (damaged, missing, written by another model); the message is one line."""
+  """A checkpoint that cannot be used (damaged, missing, written by another model); the message is one line.
+
+  `kind`: DAMAGED (a checksum differs: retrain or restore the files), MISMATCH (another model or feature width: rerun
+  with the config it was trained with), or "" (either; orbax could not say)."""
+
+  def __init__(self, message: str, kind: str = ""):
+    super().__init__(message)
+    self.kind = kind
 
 
 def checksums(tree: Any) -> dict:
@@ -71,7 +81,7 @@ def verify_meta(meta: dict, where: str) -> None:
     logging.warning("%s has no meta checksum (written by an older version): its meta is trusted unverified", where)
   elif meta_checksum(meta) != expected:
     raise CheckpointError(f"{where} is damaged: its meta (best epoch, metrics, history) differs from its saved "
-                          "checksum")
+                          "checksum", DAMAGED)
 
 
 def verify(tree: Any, expected: Optional[dict], where: str) -> None:
@@ -83,7 +93,7 @@ def verify(tree: Any, expected: Optional[dict], where: str) -> None:
   bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
   if bad:
     raise CheckpointError(f"{where} is damaged: {len(bad)} of {len(expected)} arrays differ from their saved checksums "
-                          f"(first: {bad[0]})")
+                          f"(first: {bad[0]})", DAMAGED)
 
 
 def check_shapes(restored: Any, target: Any, where: str) -> None:
@@ -94,7 +104,7 @@ def check_shapes(restored: Any, target: Any, where: str) -> None:
     key = jax.tree_util.keystr(path)
     if key in want and np.shape(leaf) != want[key]:
       raise CheckpointError(f"{where} was written by another model or feature width: {key} has shape "
-                            f"{np.shape(leaf)}, this config builds {want[key]}")
+                            f"{np.shape(leaf)}, this config builds {want[key]}", MISMATCH)
 
 
 class _MuteOrbaxErrors(pylogging.Filter):
@@ -150,6 +160,16 @@ def _disk_full(e: BaseException) -> bool:
   text = str(e)
   return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "RESOURCE_EXHAUSTED" in text \
       or "No space left" in text
+
+
+def what_to_do(kind: str) -> str:
+  """The advice that ends a CheckpointError of `kind`."""
+  if kind == DAMAGED:
+    return "retrain in a fresh --workdir, or put back an undamaged copy of its files"
+  if kind == MISMATCH:
+    return "rerun with the config it was trained with, or use a fresh --workdir for another model or config"
+  return ("rerun with the config it was trained with; if that is the config, it is damaged: retrain in a fresh "
+          "--workdir")
 
 
 def restore_failed(where: str, e: Exception) -> CheckpointError:
@@ -302,7 +322,7 @@ class Checkpointer:
       try:
         state, meta = self.restore(step, like)
       except CheckpointError as e:
-        failed.append((step, str(e)))
+        failed.append((step, e))
         logging.warning("%s; falling back to the previous checkpoint", e)
         continue
       # Moved only once an older step restores: when none does, the model/config differs (nothing is damaged)
@@ -310,8 +330,10 @@ class Checkpointer:
         _quarantine(self.manager, self.directory, bad)
       return step, state, meta
     if failed:
+      kinds = {e.kind for _, e in failed}
+      kind = kinds.pop() if len(kinds) == 1 else ""
       raise CheckpointError(f"no {self.label} in {self.directory} can be restored (none was moved): {failed[-1][1]}; "
-                            "use a fresh --workdir for another model or config")
+                            + what_to_do(kind), kind)
     return None
 
   def close(self) -> None:

@@ -170,6 +170,31 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
   assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
 
 
+def test_a_damaged_only_checkpoint_says_to_retrain_and_a_damaged_best_one_cannot_be_exported(tmp_path):
+  from alignrec_jax import export  # pylint: disable=g-import-not-at-top
+  root = write_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  config = tiny_config(root, epochs=1)
+  stage2.run(config, str(workdir))
+  path = _largest_data_file(str(workdir / "checkpoints" / "1"))
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(state_lib.CheckpointError, match=r"is damaged: .*; retrain in a fresh --workdir") as error:
+    stage2.run(tiny_config(root, epochs=2), str(workdir))
+  assert "another model or config" not in str(error.value)
+  with pytest.raises(export.RunError, match=r"is damaged: .*cannot be exported as it is: retrain") as error:
+    export.best_vectors(config, str(workdir))
+  assert "the config the run was trained with" not in str(error.value)
+  # a checkpoint of another width is a config matter, and says so
+  write_dataset(tmp_path / "data", d_f=12)
+  other = tmp_path / "other"
+  stage2.run(tiny_config(root, epochs=1), str(other))
+  write_dataset(tmp_path / "data")
+  with pytest.raises(export.RunError, match=r"another model or feature width.*the config the run was trained with"):
+    export.best_vectors(config, str(other))
+
+
 def test_checksums_catch_a_changed_value():
   tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
   saved = state_lib.checksums(tree)
