@@ -17,8 +17,11 @@ bicubically (as unilm does for fine-tuning at another resolution); --max_text_le
 missing or misshaped key is a one-line error naming it, and nothing is written.
 """
 
+import argparse
 import os
+import re
 import sys
+import zipfile
 
 from absl import app
 from absl import flags
@@ -38,18 +41,28 @@ def read_state_dict(path: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--checkpoint={path}: no such file")
   if path.endswith(".npz"):
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
+    try:
+      with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy's sentence names no file
+      raise ValueError(f"--checkpoint={path}: not a readable .npz of arrays ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
   try:
     import torch  # pylint: disable=g-import-not-at-top  (optional: requirements-convert.txt)
   except ImportError:
     raise ImportError(f"--checkpoint={path}: reading a .pth needs torch: pip install -r requirements-convert.txt "
                       "(or pass the state dict as a .npz)") from None
   try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # unilm's training checkpoints also pickle the run's arguments (an argparse.Namespace of plain values): allowed
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a damaged or non-tensor pickle
-    raise ValueError(f"--checkpoint={path}: not a readable torch state dict ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0] if str(e) else "")  # torch's bold escapes
+    if "weights only" in text.lower() or "weights_only" in text.lower():
+      raise ValueError(f"--checkpoint={path}: it pickles objects besides tensors, which are not loaded unchecked: if "
+                       "you trust the file, save its state dict alone (python -c \"import torch; torch.save(torch.load("
+                       "'IN.pth', weights_only=False)['model'], 'OUT.pth')\") and convert that") from None
+    raise ValueError(f"--checkpoint={path}: not a readable torch state dict ({type(e).__name__}: {text})") from None
   for key in ("model", "module", "state_dict"):
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
       checkpoint = checkpoint[key]

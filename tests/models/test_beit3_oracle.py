@@ -128,6 +128,29 @@ def test_pth_reader_gives_the_npz_state_dict(tmp_path):
     np.testing.assert_array_equal(read[k], v)
 
 
+def test_a_unilm_training_checkpoint_reads_and_other_pickled_objects_say_what_to_do(tmp_path):
+  torch = pytest.importorskip("torch", reason="torch is not installed (optional: requirements-convert.txt)")
+  import argparse  # pylint: disable=g-import-not-at-top
+  state = {"a.weight": torch.ones(2, 3), "b": torch.arange(3)}
+  path = str(tmp_path / "unilm.pth")  # as unilm's save_model writes it: the run's arguments beside the weights
+  torch.save({"model": state, "args": argparse.Namespace(lr=1e-3, model="beit3_base"), "epoch": 3}, path)
+  assert sorted(convert_beit3.read_state_dict(path)) == ["a.weight", "b"]
+  torch.save({"model": state, "other": _Opaque()}, path)
+  with pytest.raises(ValueError, match=r"unilm.pth: it pickles objects besides tensors.*save its state dict alone"):
+    convert_beit3.read_state_dict(path)
+
+
+class _Opaque:
+  pass
+
+
+def test_a_junk_npz_is_one_line_naming_the_file(tmp_path):
+  path = tmp_path / "junk.npz"
+  path.write_bytes(b"junk")
+  with pytest.raises(ValueError, match=r"--checkpoint=.*junk.npz: not a readable .npz of arrays"):
+    convert_beit3.read_state_dict(str(path))
+
+
 def test_cli_converts_and_bad_keys_are_one_line_errors_that_write_nothing(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
