@@ -24,6 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from alignrec_jax.data.content import normalize_images
@@ -155,16 +156,36 @@ def image_masks(key: jax.Array, batch: int, grid: int, ratio: float) -> jax.Arra
   return jax.vmap(lambda k: block_mask(k, grid, n_mask))(jax.random.split(key, batch))
 
 
+def _n_text_masked(xnp, n_words, ratio: float):
+  """How many of `n_words` words `text_masks` masks: round(ratio * n_words) in float32, at least one, none of none.
+  `xnp` is jnp (in the step) or np (for the static bound): the same float32 arithmetic either way."""
+  n = xnp.round(xnp.float32(ratio) * xnp.asarray(n_words).astype(xnp.float32))
+  return xnp.where(xnp.asarray(n_words) > 0, xnp.maximum(n, 1), 0).astype(xnp.int32)
+
+
 def text_masks(key: jax.Array, tokens: jax.Array, ratio: float, special_ids) -> jax.Array:
   """`[B, L]` bool: `round(ratio * n_words)` (at least one) random word positions of each text.
 
   Positions holding any of `special_ids` (`word_positions`) are never masked.
   """
   eligible = word_positions(tokens, special_ids)
-  n_words = eligible.sum(axis=-1)
-  n = jnp.where(n_words > 0, jnp.maximum(jnp.round(ratio * n_words), 1), 0).astype(jnp.int32)
+  n = _n_text_masked(jnp, eligible.sum(axis=-1), ratio)
   keys = jax.random.split(key, tokens.shape[0])
   return jax.vmap(_top_n_mask)(keys, eligible, jnp.zeros(tokens.shape, bool), n)
+
+
+def max_text_masked(length: int, ratio: float) -> int:
+  """The most positions `text_masks` can mask in one text of `length` tokens, whatever the text: its count at
+  n_words = length, since the count never falls as n_words grows and never exceeds n_words (ratio <= 1). A static
+  size per item rather than one for the whole batch: a batch's total is not bounded by less than B times this."""
+  return int(min(length, _n_text_masked(np, length, ratio)))
+
+
+def masked_positions(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+  """The True positions of each row of a `[B, L]` mask, in order, padded to `size` (at least every row's count):
+  (`[B, size]` int32 positions, padding slots at 0; `[B, size]` bool, False at the padding slots)."""
+  positions = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(mask).astype(jnp.int32)
+  return positions, jnp.arange(size)[None, :] < mask.sum(axis=-1, keepdims=True)
 
 
 def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: float, image_mask_ratio: float,
@@ -188,10 +209,13 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
   patch_mask = image_masks(k_img, b, model.grid, image_mask_ratio)
   word_mask = text_masks(k_txt, tokens, text_mask_ratio, special_ids)
   masked_tokens = jnp.where(word_mask, mask_id, tokens)
+  # the MLM head runs on the masked positions only, gathered to a static size (fixed shapes under jit); the
+  # padding slots carry weight 0
+  positions, counted = masked_positions(word_mask, max_text_masked(tokens.shape[1], text_mask_ratio))
   x = normalize_images(images)
   out = model.apply({"params": params}, x, masked_tokens, patch_mask, joint=True, deterministic=deterministic,
-                    rngs={"dropout": k_drop})
-  mlm, acc = mlm_loss(out["mlm_logits"], tokens, word_mask)
+                    rngs={"dropout": k_drop}, mlm_positions=positions)
+  mlm, acc = mlm_loss(out["mlm_logits"], jnp.take_along_axis(tokens, positions, axis=1), counted)
   mim = mim_loss(out["mim_pred"], mim_target(images, model.patch_size), patch_mask)
   loss = mlm_weight * mlm + mim_weight * mim
   bow = jnp.zeros(())

@@ -374,15 +374,19 @@ class MMEnc(nn.Module):
       return text_h @ self._text_embedding().astype(text_h.dtype).T + self.mlm_bias
     return self.mlm_proj(text_h)
 
-  def __call__(self, images, tokens, patch_mask=None, joint: bool = True, deterministic: bool = True) -> dict:
+  def __call__(self, images, tokens, patch_mask=None, joint: bool = True, deterministic: bool = True,
+               mlm_positions: Optional[jax.Array] = None) -> dict:
     """Features and pre-training head outputs.
 
     `joint=True`: one image-text sequence. `joint=False`: the image alone and the text alone (BEiT-3's
     single-modality encoding, vision experts only / language experts only), used by the optional ITC term.
+    `mlm_positions`: `[B, K]` int text positions; the MLM head then runs on those positions only (the vocabulary
+    projection is the largest product of the step, and the loss reads only the masked positions).
     Returns:
       {"cls": [B, d] visual-[CLS] state, "text_cls": [B, d] hidden state at the text's first position,
-       "mlm_logits": [B, L, vocab], "mim_pred": [B, P, patch_size**2 * 3]}, plus "bow_logits": [B, vocab] (the
-      item's words predicted from the visual [CLS] state alone) when the model has `cls_bow_head`.
+       "mlm_logits": [B, L, vocab] ([B, K, vocab] at `mlm_positions` when given), "mim_pred": [B, P,
+       patch_size**2 * 3]}, plus "bow_logits": [B, vocab] (the item's words predicted from the visual [CLS] state
+      alone) when the model has `cls_bow_head`.
     """
     n_image = 1 + self.n_patches
     if joint:
@@ -391,7 +395,8 @@ class MMEnc(nn.Module):
     else:
       image_h = self.encode(images, None, patch_mask, deterministic)
       text_h = self.encode(None, tokens, None, deterministic)
-    out = {"cls": image_h[:, 0], "text_cls": text_h[:, 0], "mlm_logits": self._mlm_logits(text_h),
+    mlm_h = text_h if mlm_positions is None else jnp.take_along_axis(text_h, mlm_positions[..., None], axis=1)
+    out = {"cls": image_h[:, 0], "text_cls": text_h[:, 0], "mlm_logits": self._mlm_logits(mlm_h),
            "mim_pred": self.mim_proj(self.mim_ln(image_h[:, 1:]))}
     if self.cls_bow_head:
       bow = self.bow_ln(nn.gelu(self.bow_dense(image_h[:, 0])))

@@ -133,3 +133,58 @@ def test_cls_bow_term_trains_the_visual_cls_and_leaves_the_encoder_init_alone():
   # weight 0: the head gets no gradient and the metric reads 0
   (_, metrics0), grads0 = jax.value_and_grad(fn, has_aux=True)(params, 0.0)
   assert float(metrics0["bow"]) == 0.0 and float(jnp.abs(grads0["bow_dense"]["kernel"]).sum()) == 0.0
+
+
+def test_max_text_masked_bounds_the_count_text_masks_draws_for_any_text():
+  for length in range(0, 41):
+    n_words = jnp.arange(length + 1)
+    for ratio in (0.0, 0.15, 0.3, 0.5, 0.7, 1.0):
+      counts = np.asarray(ica._n_text_masked(jnp, n_words, ratio))  # pylint: disable=protected-access
+      assert ica.max_text_masked(length, ratio) == counts.max() <= length
+  assert ica.max_text_masked(128, 0.5) == 64 and ica.max_text_masked(33, 0.5) == 16  # half to even, as jnp.round
+
+
+def test_masked_positions_lists_each_rows_masked_positions_then_padding():
+  mask = jnp.asarray([[False, True, False, True, True], [False, False, False, False, False],
+                      [True, False, False, False, False]])
+  positions, counted = ica.masked_positions(mask, 3)
+  np.testing.assert_array_equal(positions, [[1, 3, 4], [0, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(counted, [[True, True, True], [False, False, False], [True, False, False]])
+
+
+def _full_head_loss(model, params, batch, key, text_mask_ratio, image_mask_ratio):
+  """The ICA loss (MLM + MIM, no dropout) with the MLM head over every text position: the reference."""
+  k_img, k_txt, _ = jax.random.split(key, 3)
+  images, tokens = batch["image"], batch["tokens"]
+  patch_mask = ica.image_masks(k_img, tokens.shape[0], model.grid, image_mask_ratio)
+  word_mask = ica.text_masks(k_txt, tokens, text_mask_ratio, SPECIAL_IDS)
+  out = model.apply({"params": params}, mmenc.normalize_images(images), jnp.where(word_mask, MASK_ID, tokens),
+                    patch_mask)
+  assert out["mlm_logits"].shape[:2] == tokens.shape
+  mlm, acc = ica.mlm_loss(out["mlm_logits"], tokens, word_mask)
+  mim = ica.mim_loss(out["mim_pred"], ica.normalized_pixel_targets(images, model.patch_size), patch_mask)
+  return mlm + mim, {"mlm": mlm, "mlm_acc": acc, "mim": mim}
+
+
+def test_the_mlm_head_on_the_masked_positions_only_gives_the_full_heads_loss_and_gradients():
+  model = mmenc.MMEnc(vocab_size=40, pad_id=1, image_size=8, patch_size=4, max_text_len=8, layers=2, hidden=16,
+                      heads=2, mlp=32)
+  rng = np.random.default_rng(0)
+  tokens = np.full((4, 8), 1, np.int32)
+  for i, n in enumerate((6, 3, 1, 0)):  # texts of 6, 3, 1 and no pieces between <s> and </s>
+    tokens[i, 0], tokens[i, 1:n + 1], tokens[i, n + 1] = 0, rng.integers(4, 19, n), 2
+  batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)), "tokens": jnp.asarray(tokens)}
+  params = model.init(jax.random.key(0), mmenc.normalize_images(batch["image"]), batch["tokens"])["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # not at init
+  for ratio in (0.5, 1.0):
+    gathered = lambda p: ica.ica_loss(model, p, batch, jax.random.key(1), text_mask_ratio=ratio, image_mask_ratio=0.5,
+                                      mask_id=MASK_ID, special_ids=SPECIAL_IDS, deterministic=True)
+    (loss, metrics), grads = jax.value_and_grad(gathered, has_aux=True)(params)
+    (want, want_metrics), want_grads = jax.value_and_grad(
+        lambda p: _full_head_loss(model, p, batch, jax.random.key(1), ratio, 0.5), has_aux=True)(params)
+    assert float(metrics["mlm"]) > 0
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    for k in want_metrics:
+      np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), grads, want_grads)
+    assert float(jnp.abs(grads["mlm_bias"]).sum()) > 0

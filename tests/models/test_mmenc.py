@@ -221,3 +221,14 @@ def test_cls_bow_head_reads_the_visual_cls_only():
   cfg = ml_collections.ConfigDict(dict(size="tiny", image_size=16, patch_size=4, max_text_len=8, dropout=0.0,
                                        cls_bow_weight=0.5))
   assert mmenc.make_mmenc(cfg, 50, PAD).cls_bow_head
+
+
+def test_mlm_positions_give_the_full_heads_logits_at_those_positions():
+  model = _model()
+  images, tokens = _inputs()
+  params = _init(model, images, tokens)
+  full = model.apply({"params": params}, images, tokens)["mlm_logits"]
+  positions = jnp.asarray([[1, 3], [4, 0], [2, 2]], jnp.int32)
+  got = model.apply({"params": params}, images, tokens, mlm_positions=positions)["mlm_logits"]
+  assert got.shape == (3, 2, 50) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, jnp.take_along_axis(full, positions[..., None], axis=1), rtol=1e-6, atol=1e-6)
