@@ -131,6 +131,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   pre.weight_decay = 0.05
   pre.dropout = 0.0
   pre.vl_ffn_layers = 0         # top blocks with a vision-language FFN (not in the released BEiT-3 models)
+  # dtype of the encoder's matrix products in training and extraction: float32 | bfloat16 (parameters, optimiser
+  # state, LayerNorms, softmax and the losses stay float32); a resume must keep it
+  pre.compute_dtype = "float32"
+  # precision of float32 matrix products (training and extraction): highest | default. On GPU (TF32) and TPU (bf16
+  # passes) JAX's default float32 product is of reduced precision; on CPU both are full float32
+  pre.matmul_precision = "highest"
   pre.init_from = ""            # a converted BEiT-3 checkpoint (python -m alignrec_jax.convert_beit3) to start from
   pre.checkpoint_every = 100
   pre.log_every = 20

@@ -31,3 +31,14 @@ def test_the_cold_configs_are_their_datasets_config_with_held_out_items_and_the_
     expected.data.cold_items, expected.model.cold_start = 0.2, "neighbours"
     assert cold.get_config().to_dict() == expected.to_dict()
     checks.check_stage2(cold.get_config())
+
+
+@pytest.mark.parametrize("key, value", [("compute_dtype", "float16"), ("matmul_precision", "high")])
+def test_a_stage1_arithmetic_outside_its_choices_fails_in_one_line_naming_the_key(key, value):
+  from configs import base
+  config = base.get_base_config()
+  checks.check_stage1(config)  # the defaults pass
+  config.pretrain[key] = value
+  with pytest.raises(ValueError, match=rf"^config.pretrain.{key}='{value}' must be one of \(") as e:
+    checks.check_stage1(config)
+  assert "\n" not in str(e.value)

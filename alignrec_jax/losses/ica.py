@@ -29,6 +29,7 @@ import optax
 
 from alignrec_jax.data.content import normalize_images
 from alignrec_jax.losses import cca
+from alignrec_jax.models import mmenc
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -226,6 +227,7 @@ def ica_loss(model, params, batch: dict, key: jax.Array, *, text_mask_ratio: flo
   if itc_weight:
     sep = model.apply({"params": params}, x, tokens, None, joint=False, deterministic=deterministic,
                       rngs={"dropout": jax.random.fold_in(k_drop, 1)})
-    itc = itc_loss(sep["cls"], sep["text_cls"], itc_temperature)
+    with mmenc.matmul_precision(model.matmul_precision):  # the model's precision for its similarity product too
+      itc = itc_loss(sep["cls"], sep["text_cls"], itc_temperature)
     loss = loss + itc_weight * itc
   return loss, {"loss": loss, "mlm": mlm, "mim": mim, "mlm_acc": acc, "itc": itc, "bow": bow}

@@ -33,9 +33,16 @@ bag-of-words head (this project's extension). The item feature is the final hidd
 position of the joint input. Masking is an input: `patch_mask` replaces masked patches by the mask token (torchscale's
 `vision_masked_position`); masked text arrives as [MASK] token ids. Dropout keys come through the "dropout" RNG
 collection; dropout sits where torchscale's `dropout` does (after the embeddings, the attention and the FFN).
+
+Compute dtype (`dtype`, config.pretrain.compute_dtype): the linear maps, the patch convolution, the attention
+products and the vocabulary projections take their inputs and the float32 parameters cast to `dtype` (bfloat16:
+the accelerators' fast products); the LayerNorms, the softmax (from float32 scores), the residual stream, the
+logits and the item feature stay float32, as torch's autocast does. float32 computes exactly what it did before.
 """
 
-from typing import Optional
+import contextlib
+import functools
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -56,13 +63,26 @@ SIZES = {
 LN_EPS = 1e-5  # torch's LayerNorm default, which BEiT-3 uses (flax's default is 1e-6)
 _init = nn.initializers.truncated_normal(0.02)
 
+# config.pretrain.compute_dtype -> the dtype of the encoder's matrix products (parameters stay float32)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.pretrain.matmul_precision: what jax.default_matmul_precision takes for the model's float32 products
+MATMUL_PRECISIONS = ("highest", "default")
+
+
+def matmul_precision(precision: Optional[str]):
+  """`jax.default_matmul_precision(precision)`, or no change for None (JAX's own default). A product takes the
+  precision in force when it is traced and its gradient's products inherit it, so tracing the forward pass inside
+  this context fixes the precision of the whole step."""
+  return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
 
 def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, name=name)
+  # float32 statistics and output whatever the compute dtype: the residual stream and the heads' inputs stay float32
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
 
 
-def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=_init, name=name)
+def _dense(features: int, name: str, dtype: Any = jnp.float32) -> nn.Dense:
+  return nn.Dense(features, kernel_init=_init, dtype=dtype, name=name)
 
 
 def multiway(a, b, x: jax.Array, split: int, initializing: bool = False) -> jax.Array:
@@ -88,10 +108,12 @@ class MultiwayLayerNorm(nn.Module):
 class MultiwayDense(nn.Module):
   """Linear-map copies A (vision) and B (language)."""
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, split: int):
-    return multiway(_dense(self.features, "A"), _dense(self.features, "B"), x, split, self.is_initializing())
+    return multiway(_dense(self.features, "A", self.dtype), _dense(self.features, "B", self.dtype), x, split,
+                    self.is_initializing())
 
 
 class FeedForwardNetwork(nn.Module):
@@ -99,13 +121,14 @@ class FeedForwardNetwork(nn.Module):
   hidden: int
   mlp: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    x = _dense(self.mlp, "fc1")(x)
+    x = _dense(self.mlp, "fc1", self.dtype)(x)
     x = nn.gelu(x, approximate=False)
     x = _layer_norm("ffn_layernorm")(x)
-    x = _dense(self.hidden, "fc2")(x)
+    x = _dense(self.hidden, "fc2", self.dtype)(x)
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
@@ -115,10 +138,11 @@ class MultiwayFFN(nn.Module):
   mlp: int
   dropout: float
   vl_ffn: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, split: int, deterministic: bool):
-    make = lambda name: FeedForwardNetwork(self.hidden, self.mlp, self.dropout, name=name)
+    make = lambda name: FeedForwardNetwork(self.hidden, self.mlp, self.dropout, self.dtype, name=name)
     a, b = make("A"), make("B")
     joint = 0 < split < x.shape[1]
     if self.vl_ffn:
@@ -137,6 +161,7 @@ class MultiheadAttention(nn.Module):
   hidden: int
   heads: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, padding: jax.Array, split: int, deterministic: bool):
@@ -144,16 +169,17 @@ class MultiheadAttention(nn.Module):
     b, t, d = x.shape
     head_dim = d // self.heads
     split_heads = lambda z: z.reshape(b, t, self.heads, head_dim)
-    q = split_heads(MultiwayDense(d, name="q_proj")(x, split)) * head_dim ** -0.5
-    k = split_heads(MultiwayDense(d, name="k_proj")(x, split))
-    v = split_heads(MultiwayDense(d, name="v_proj")(x, split))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    q = split_heads(MultiwayDense(d, self.dtype, name="q_proj")(x, split)) * head_dim ** -0.5
+    k = split_heads(MultiwayDense(d, self.dtype, name="k_proj")(x, split))
+    v = split_heads(MultiwayDense(d, self.dtype, name="v_proj")(x, split))
+    # float32 scores (accumulated in float32 from bfloat16 q, k) for a float32 softmax
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(padding[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
     attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
     attn = MultiwayLayerNorm(name="inner_attn_ln")(attn, split)
-    return MultiwayDense(d, name="out_proj")(attn, split)
+    return MultiwayDense(d, self.dtype, name="out_proj")(attn, split)
 
 
 class EncoderLayer(nn.Module):
@@ -163,14 +189,17 @@ class EncoderLayer(nn.Module):
   mlp: int
   dropout: float
   vl_ffn: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, padding, split: int, deterministic: bool):
     h = MultiwayLayerNorm(name="self_attn_layer_norm")(x, split)
-    h = MultiheadAttention(self.hidden, self.heads, self.dropout, name="self_attn")(h, padding, split, deterministic)
-    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = MultiheadAttention(self.hidden, self.heads, self.dropout, self.dtype, name="self_attn")(h, padding, split,
+                                                                                             deterministic)
+    x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)  # float32 + compute dtype: float32
     h = MultiwayLayerNorm(name="final_layer_norm")(x, split)
-    return x + MultiwayFFN(self.hidden, self.mlp, self.dropout, self.vl_ffn, name="ffn")(h, split, deterministic)
+    ffn = MultiwayFFN(self.hidden, self.mlp, self.dropout, self.vl_ffn, self.dtype, name="ffn")
+    return x + ffn(h, split, deterministic)
 
 
 class PositionTable(nn.Module):
@@ -212,6 +241,7 @@ class Encoder(nn.Module):
   mlp: int
   dropout: float
   vl_ffn_layers: int = 0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, padding, split: int, deterministic: bool):
@@ -223,7 +253,7 @@ class Encoder(nn.Module):
     x = x * (1.0 - padding[..., None].astype(x.dtype))
     for i in range(self.layers):
       x = EncoderLayer(self.hidden, self.heads, self.mlp, self.dropout, vl_ffn=i >= self.layers - self.vl_ffn_layers,
-                       name=f"layers_{i}")(x, padding, split, deterministic)
+                       dtype=self.dtype, name=f"layers_{i}")(x, padding, split, deterministic)
     return MultiwayLayerNorm(name="layer_norm")(x, split)
 
 
@@ -231,12 +261,13 @@ class VisionEmbedding(nn.Module):
   """Patch embedding (strided convolution), the mask token for masked patches, the prepended [CLS] token."""
   patch_size: int
   hidden: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, masked_position=None):
     b = images.shape[0]
     x = nn.Conv(self.hidden, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-                padding="VALID", kernel_init=_init, name="proj")(images)
+                padding="VALID", kernel_init=_init, dtype=self.dtype, name="proj")(images)
     x = x.reshape(b, -1, self.hidden)  # patches in row-major order, as torch's flatten(2)
     mask_token = self.param("mask_token", _init, (1, 1, self.hidden))
     cls_token = self.param("cls_token", _init, (1, 1, self.hidden))
@@ -258,6 +289,7 @@ class BEiT3(nn.Module):
   mlp: int
   dropout: float = 0.0
   vl_ffn_layers: int = 0
+  dtype: Any = jnp.float32  # of the matrix products; LayerNorms, softmax and the output are float32
 
   @property
   def n_patches(self) -> int:
@@ -271,7 +303,7 @@ class BEiT3(nn.Module):
     if text_tokens is None and images is None:
       raise ValueError("BEiT3 needs an image, a text or both")
     text_embed = nn.Embed(self.vocab_size, self.hidden, embedding_init=_init, name="text_embed")
-    vision_embed = VisionEmbedding(self.patch_size, self.hidden, name="vision_embed")
+    vision_embed = VisionEmbedding(self.patch_size, self.hidden, self.dtype, name="vision_embed")
     parts, padding = [], []
     if images is not None:
       v = vision_embed(images, vision_masked_position)
@@ -287,7 +319,7 @@ class BEiT3(nn.Module):
     split = parts[0].shape[1] if images is not None else 0
     x = jnp.concatenate(parts, axis=1)
     encoder = Encoder(1 + self.n_patches, self.max_text_len, self.layers, self.hidden, self.heads, self.mlp,
-                      self.dropout, self.vl_ffn_layers, name="encoder")
+                      self.dropout, self.vl_ffn_layers, self.dtype, name="encoder")
     return encoder(x, jnp.concatenate(padding, axis=1), split, deterministic)
 
 
@@ -298,7 +330,9 @@ class MMEnc(nn.Module):
   padding); `tie_mlm_head`: MLM logits use the text embedding matrix (plus a bias) instead of a separate
   projection; `cls_bow_head`: a bag-of-words head on the visual [CLS] state (one dense layer, logits from the text
   embedding matrix), the decoder of the [CLS] bottleneck term of the ICA loss (losses/ica.py; this project's
-  extension, not in the paper).
+  extension, not in the paper); `dtype`: of the matrix products (config.pretrain.compute_dtype; parameters,
+  LayerNorms, softmax and the outputs stay float32); `matmul_precision`: `jax.default_matmul_precision` over every
+  method (config.pretrain.matmul_precision; None = JAX's default).
   """
   vocab_size: int
   pad_id: int
@@ -313,6 +347,8 @@ class MMEnc(nn.Module):
   dropout: float = 0.0
   tie_mlm_head: bool = True
   cls_bow_head: bool = False
+  dtype: Any = jnp.float32
+  matmul_precision: Optional[str] = None
 
   @property
   def grid(self) -> int:
@@ -331,17 +367,19 @@ class MMEnc(nn.Module):
     if self.hidden % self.heads:
       raise ValueError(f"hidden={self.hidden} must be a multiple of heads={self.heads}")
     self.beit3 = BEiT3(self.vocab_size, self.image_size, self.patch_size, self.max_text_len, self.layers,
-                       self.hidden, self.heads, self.mlp, self.dropout, self.vl_ffn_layers, name="beit3")
+                       self.hidden, self.heads, self.mlp, self.dropout, self.vl_ffn_layers, self.dtype,
+                       name="beit3")
     self.mlm_ln = _layer_norm("mlm_ln")
     if self.tie_mlm_head:
       self.mlm_bias = self.param("mlm_bias", nn.initializers.zeros, (self.vocab_size,))
     else:
-      self.mlm_proj = nn.Dense(self.vocab_size, kernel_init=_init, name="mlm_proj")
+      self.mlm_proj = nn.Dense(self.vocab_size, kernel_init=_init, dtype=self.dtype, name="mlm_proj",
+                               dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32))
     self.mim_ln = _layer_norm("mim_ln")
-    self.mim_proj = nn.Dense(self.patch_size * self.patch_size * 3, kernel_init=_init, name="mim_proj")
+    self.mim_proj = _dense(self.patch_size * self.patch_size * 3, "mim_proj", self.dtype)
     if self.cls_bow_head:  # created last: flax derives each parameter's init key from its name, so the encoder's
       # initialisation (and the random-init baseline) is the same with or without this head
-      self.bow_dense = nn.Dense(self.hidden, kernel_init=_init, name="bow_dense")
+      self.bow_dense = _dense(self.hidden, "bow_dense", self.dtype)
       self.bow_ln = _layer_norm("bow_ln")
       self.bow_bias = self.param("bow_bias", nn.initializers.zeros, (self.vocab_size,))
 
@@ -363,15 +401,21 @@ class MMEnc(nn.Module):
     if tokens is not None:
       self._check_tokens(tokens)
       padding = tokens == self.pad_id
-    return self.beit3(tokens, images, padding, patch_mask, deterministic=deterministic)
+    with matmul_precision(self.matmul_precision):
+      return self.beit3(tokens, images, padding, patch_mask, deterministic=deterministic)
 
   def _text_embedding(self) -> jax.Array:
     return self.beit3.variables["params"]["text_embed"]["embedding"]
 
+  def _vocab_logits(self, h: jax.Array) -> jax.Array:
+    """`h @ text_embedding.T` in the compute dtype, accumulated into float32 logits."""
+    return jnp.matmul(h.astype(self.dtype), self._text_embedding().astype(self.dtype).T,
+                      preferred_element_type=jnp.float32)
+
   def _mlm_logits(self, text_h):
     text_h = self.mlm_ln(text_h)
     if self.tie_mlm_head:
-      return text_h @ self._text_embedding().astype(text_h.dtype).T + self.mlm_bias
+      return self._vocab_logits(text_h) + self.mlm_bias
     return self.mlm_proj(text_h)
 
   def __call__(self, images, tokens, patch_mask=None, joint: bool = True, deterministic: bool = True,
@@ -386,7 +430,7 @@ class MMEnc(nn.Module):
       {"cls": [B, d] visual-[CLS] state, "text_cls": [B, d] hidden state at the text's first position,
        "mlm_logits": [B, L, vocab] ([B, K, vocab] at `mlm_positions` when given), "mim_pred": [B, P,
        patch_size**2 * 3]}, plus "bow_logits": [B, vocab] (the item's words predicted from the visual [CLS] state
-      alone) when the model has `cls_bow_head`.
+      alone) when the model has `cls_bow_head`. Logits are float32.
     """
     n_image = 1 + self.n_patches
     if joint:
@@ -396,11 +440,12 @@ class MMEnc(nn.Module):
       image_h = self.encode(images, None, patch_mask, deterministic)
       text_h = self.encode(None, tokens, None, deterministic)
     mlm_h = text_h if mlm_positions is None else jnp.take_along_axis(text_h, mlm_positions[..., None], axis=1)
-    out = {"cls": image_h[:, 0], "text_cls": text_h[:, 0], "mlm_logits": self._mlm_logits(mlm_h),
-           "mim_pred": self.mim_proj(self.mim_ln(image_h[:, 1:]))}
-    if self.cls_bow_head:
-      bow = self.bow_ln(nn.gelu(self.bow_dense(image_h[:, 0])))
-      out["bow_logits"] = bow @ self._text_embedding().astype(bow.dtype).T + self.bow_bias
+    with matmul_precision(self.matmul_precision):
+      out = {"cls": image_h[:, 0], "text_cls": text_h[:, 0], "mlm_logits": self._mlm_logits(mlm_h),
+             "mim_pred": self.mim_proj(self.mim_ln(image_h[:, 1:]))}
+      if self.cls_bow_head:
+        bow = self.bow_ln(nn.gelu(self.bow_dense(image_h[:, 0])))
+        out["bow_logits"] = self._vocab_logits(bow) + self.bow_bias
     return out
 
   def features(self, images, tokens, patch_mask=None) -> jax.Array:
@@ -410,10 +455,12 @@ class MMEnc(nn.Module):
 
 def make_mmenc(pretrain_config, vocab_size: int, pad_id: int) -> MMEnc:
   """The encoder that `config.pretrain` describes (size preset + image/patch/text lengths)."""
-  if pretrain_config.size not in SIZES:
-    raise ConfigError(f"config.pretrain.size={pretrain_config.size!r} is not one of {sorted(SIZES)}")
-  return MMEnc(vocab_size=vocab_size, pad_id=pad_id, image_size=pretrain_config.image_size,
-               patch_size=pretrain_config.patch_size, max_text_len=pretrain_config.max_text_len,
-               dropout=pretrain_config.dropout, vl_ffn_layers=pretrain_config.get("vl_ffn_layers", 0),
-               tie_mlm_head=pretrain_config.get("tie_mlm_head", True),
-               cls_bow_head=pretrain_config.get("cls_bow_weight", 0.0) > 0, **SIZES[pretrain_config.size])
+  pre = pretrain_config
+  if pre.size not in SIZES:
+    raise ConfigError(f"config.pretrain.size={pre.size!r} is not one of {sorted(SIZES)}")
+  if pre.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.pretrain.compute_dtype={pre.compute_dtype!r} is not one of {tuple(COMPUTE_DTYPES)}")
+  return MMEnc(vocab_size=vocab_size, pad_id=pad_id, image_size=pre.image_size, patch_size=pre.patch_size,
+               max_text_len=pre.max_text_len, dropout=pre.dropout, vl_ffn_layers=pre.vl_ffn_layers,
+               tie_mlm_head=pre.tie_mlm_head, cls_bow_head=pre.cls_bow_weight > 0,
+               dtype=COMPUTE_DTYPES[pre.compute_dtype], matmul_precision=pre.matmul_precision, **SIZES[pre.size])

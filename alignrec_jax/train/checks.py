@@ -151,6 +151,10 @@ def check_stage1(config) -> None:
     _fail("pretrain.size", pre.size, f"must be one of {tuple(mmenc.SIZES)}")
   if pre.mim_target not in ica.MIM_TARGETS:
     _fail("pretrain.mim_target", pre.mim_target, f"must be one of {tuple(sorted(ica.MIM_TARGETS))}")
+  if pre.compute_dtype not in mmenc.COMPUTE_DTYPES:
+    _fail("pretrain.compute_dtype", pre.compute_dtype, f"must be one of {tuple(mmenc.COMPUTE_DTYPES)}")
+  if pre.matmul_precision not in mmenc.MATMUL_PRECISIONS:
+    _fail("pretrain.matmul_precision", pre.matmul_precision, f"must be one of {mmenc.MATMUL_PRECISIONS}")
   for key in ("pretrain.image_size", "pretrain.patch_size", "pretrain.max_text_len", "pretrain.batch_size",
               "pretrain.extract_batch_size", "pretrain.vocab_size"):
     _int(config, key, 1)

@@ -12,7 +12,8 @@
 
 `extract(config, workdir)`: the latest checkpoint's encoder over every item -> the visual-[CLS] table
   `[n_items, hidden]` and the variants mask_image (every patch masked) and mask_text (every word masked), written by
-  `bridge.save_feature_table`; skipped when the workdir already holds the table of that checkpoint.
+  `bridge.save_feature_table`, in `pretrain.compute_dtype` at `pretrain.matmul_precision` (both recorded in
+  features_meta.json); skipped when the workdir already holds the table of that checkpoint and arithmetic.
 
 `encode_items(workdir, path, variant)`: the same features of other items (an items.tsv-layout file: new items), from
   the encoder, tokenizer and preprocessing that made the workdir's table; what `Run.add_items(items=...)` reads.
@@ -307,6 +308,11 @@ def extract_features(model: mmenc.MMEnc, params: Any, images: np.ndarray, tokens
   return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 
+def _arithmetic(pre) -> dict:
+  """How the encoder computed a table (features_meta.json): a table from other arithmetic is extracted again."""
+  return {"compute_dtype": pre.compute_dtype, "matmul_precision": pre.matmul_precision}
+
+
 def extract(config, workdir: str) -> dict:
   """Writes the feature table of every item (see the module docstring); returns {"n_items", "dim", "step"}."""
   checks.check_stage1(config)
@@ -319,10 +325,12 @@ def _extract(config, workdir: str) -> dict:
   n_items = len(items["tokens"])
   model, params, step = load_pretrained(config, workdir, tokenizer)
   meta_path = os.path.join(workdir, _FEATURES_META)
+  arithmetic = _arithmetic(config.pretrain)
   if os.path.isfile(meta_path) and bridge.has_feature_table(workdir, n_items):
     with open(meta_path, "r", encoding="utf-8") as f:
       done = json.load(f)
-    if done.get("pretrain_step") == step and done.get("tokenizer") == tokenizer.fingerprint():
+    if (done.get("pretrain_step") == step and done.get("tokenizer") == tokenizer.fingerprint()
+        and all(done.get(k) == v for k, v in arithmetic.items())):
       logging.info("extract: %s already holds the features of pre-training step %d", workdir, step)
       return done
   start = time.perf_counter()
@@ -333,7 +341,7 @@ def _extract(config, workdir: str) -> dict:
     os.remove(meta_path)  # the old marker must not vouch for the table being replaced
   bridge.save_feature_table(workdir, tables)  # every process joins the (collective) save; process 0 writes files
   info = {"n_items": n_items, "dim": int(tables["full"].shape[1]), "pretrain_step": step,
-          "tokenizer": tokenizer.fingerprint(), "items_per_s": n_items * len(tables) / elapsed}
+          "tokenizer": tokenizer.fingerprint(), **arithmetic, "items_per_s": n_items * len(tables) / elapsed}
   if distributed.is_main_process():
     atomic.write_json(meta_path, info)
   distributed.barrier("extract:written")  # stage 2 in this run reads the table next, in every process
@@ -359,6 +367,10 @@ def encode_items(workdir: str, path: str, variant: str = "full") -> tuple[np.nda
   tokenizer = content.Tokenizer.load(os.path.join(workdir, content.TOKENIZER_FILE))
   if tokenizer.fingerprint() != extracted.get("tokenizer"):
     raise DataError(f"{workdir}: its tokenizer is not the one its feature table was extracted with")
+  # the arithmetic the table was extracted with; a table without the keys is older than them: float32 at JAX's
+  # default precision
+  config.pretrain.compute_dtype = extracted.get("compute_dtype", "float32")
+  config.pretrain.matmul_precision = extracted.get("matmul_precision", "default")
   model, params, step = load_pretrained(config, workdir, tokenizer)
   if step != extracted.get("pretrain_step"):
     raise DataError(f"{workdir}: its latest stage-1 checkpoint is step {step}, its feature table was extracted at "

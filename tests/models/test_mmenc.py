@@ -6,11 +6,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from alignrec_jax.models import mmenc
+from configs import base as base_config
 
 PAD = 1  # BEiT-3's <pad>; token 0 is <s> and must not be taken for padding
 
@@ -197,7 +197,8 @@ def test_tied_and_untied_mlm_head_and_config_sizes():
                              + params["mlm_bias"], rtol=1e-4, atol=1e-4)
   untied = _init(_model(tie_mlm_head=False), images, tokens)
   assert "mlm_proj" in untied and "mlm_bias" not in untied
-  cfg = ml_collections.ConfigDict(dict(size="base", image_size=224, patch_size=16, max_text_len=128, dropout=0.0))
+  cfg = base_config.get_base_config().pretrain
+  cfg.update(size="base", image_size=224, patch_size=16, max_text_len=128, dropout=0.0)
   base = mmenc.make_mmenc(cfg, vocab_size=64010, pad_id=1)
   assert (base.layers, base.hidden, base.heads, base.mlp, base.n_patches) == (12, 768, 12, 3072, 196)
   cfg.size = "large"
@@ -218,8 +219,8 @@ def test_cls_bow_head_reads_the_visual_cls_only():
   head = lambda p, h: p["bow_bias"] + mmenc.nn.LayerNorm(epsilon=1e-5).apply({"params": p["bow_ln"]}, mmenc.nn.gelu(
       h @ p["bow_dense"]["kernel"] + p["bow_dense"]["bias"])) @ p["beit3"]["text_embed"]["embedding"].T
   np.testing.assert_allclose(out["bow_logits"], head(params, out["cls"]), rtol=1e-4, atol=1e-5)
-  cfg = ml_collections.ConfigDict(dict(size="tiny", image_size=16, patch_size=4, max_text_len=8, dropout=0.0,
-                                       cls_bow_weight=0.5))
+  cfg = base_config.get_base_config().pretrain
+  cfg.update(size="tiny", image_size=16, patch_size=4, max_text_len=8, dropout=0.0, cls_bow_weight=0.5)
   assert mmenc.make_mmenc(cfg, 50, PAD).cls_bow_head
 
 
@@ -232,3 +233,41 @@ def test_mlm_positions_give_the_full_heads_logits_at_those_positions():
   got = model.apply({"params": params}, images, tokens, mlm_positions=positions)["mlm_logits"]
   assert got.shape == (3, 2, 50) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, jnp.take_along_axis(full, positions[..., None], axis=1), rtol=1e-6, atol=1e-6)
+
+
+def _products(fn, *args):
+  """The lines of the lowered `fn` that are matrix products (dot_general or convolution)."""
+  text = jax.jit(fn).lower(*args).as_text()
+  return [line for line in text.splitlines() if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+
+
+def test_matmul_precision_reaches_every_product_forward_and_backward():
+  images, tokens = _inputs()
+  params = _init(_model(), images, tokens)
+  for precision, name in (("highest", "HIGHEST"), ("default", "DEFAULT")):
+    model = _model(matmul_precision=precision, cls_bow_head=False)
+    loss = lambda p: sum(jnp.sum(v) for v in jax.tree.leaves(model.apply({"params": p}, images, tokens)))
+    lines = _products(jax.grad(loss), params)
+    assert len(lines) > 20 and all(name in line for line in lines)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  images, tokens = _inputs()
+  model = _model(dtype=jnp.bfloat16)
+  params = _init(model, images, tokens)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  np.testing.assert_equal(jax.tree.map(np.shape, params), jax.tree.map(np.shape, _init(_model(), images, tokens)))
+  out = model.apply({"params": params}, images, tokens)
+  assert all(v.dtype == jnp.float32 for v in (out["cls"], out["text_cls"], out["mlm_logits"]))
+  assert model.apply({"params": params}, images, tokens, method=model.features).dtype == jnp.float32
+  forward = lambda p: model.apply({"params": p}, images, tokens, method=model.features)
+  assert all("bf16" in line for line in _products(forward, params))  # every product of the encoder
+  assert not any("bf16" in line for line in _products(lambda p: _model().apply({"params": p}, images, tokens,
+                                                                                method=model.features), params))
+  cfg = base_config.get_base_config().pretrain
+  cfg.compute_dtype = "float16"
+  with pytest.raises(ValueError, match="config.pretrain.compute_dtype='float16'"):
+    mmenc.make_mmenc(cfg, 50, PAD)
+  cfg.update(compute_dtype="bfloat16", matmul_precision="default")
+  made = mmenc.make_mmenc(cfg, 50, PAD)
+  assert (made.dtype, made.matmul_precision) == (jnp.bfloat16, "default")

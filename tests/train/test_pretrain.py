@@ -304,3 +304,65 @@ def test_weight_decay_skips_biases_norms_positions_and_tokens(straight_run):
   assert not b3["vision_embed"]["mask_token"] and not b3["encoder"]["embed_positions"]["A"]["embedding"]
   assert not b3["encoder"]["embed_positions"]["B"]["embedding"] and not mask["mlm_bias"]
   assert not b3["encoder"]["layers_0"]["ffn"]["B"]["ffn_layernorm"]["scale"]
+
+
+def test_a_resume_with_another_compute_dtype_or_matmul_precision_is_refused(straight_run):
+  from alignrec_jax.train import workdir as workdir_lib
+  _, config, workdir, _ = straight_run
+  for key, old, new in (("compute_dtype", "float32", "bfloat16"), ("matmul_precision", "highest", "default")):
+    changed = config.copy_and_resolve_references()
+    changed.pretrain[key] = new
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"other settings \(pretrain.{key}: '{old}' -> '{new}'\)"):
+      pretrain_lib.pretrain(changed, workdir)
+
+
+def test_bfloat16_training_steps_have_finite_losses_and_keep_float32_state():
+  from alignrec_jax.losses import ica
+  from alignrec_jax.models import mmenc
+  from alignrec_jax.train import parallel
+  config = tiny_pretrain_config.get_config()
+  pre = config.pretrain
+  pre.compute_dtype = "bfloat16"
+  model = mmenc.make_mmenc(pre, 30, 1)
+  params = pretrain_lib.init_params(model, jax.random.key(0))
+  tx = pretrain_lib.make_optimizer(pre, 10)
+  kwargs = dict(text_mask_ratio=pre.text_mask_ratio, image_mask_ratio=pre.image_mask_ratio,
+                mim_target=ica.MIM_TARGETS[pre.mim_target], mask_id=29, special_ids=(0, 1, 2, 3, 29))
+  devices = jax.local_devices()[:1]
+  step = parallel.pmap_train_step(pretrain_lib.ica_share(model, kwargs, 1), tx, devices)
+  state = parallel.put_replicated((params, tx.init(params)), devices)
+  rng = np.random.default_rng(0)
+  tokens = np.concatenate([np.zeros((4, 1)), rng.integers(4, 29, (4, 6)), np.full((4, 1), 2)], 1).astype(np.int32)
+  batch = {"image": rng.integers(0, 256, (1, 4, 8, 8, 3), dtype=np.uint8), "tokens": tokens[None]}
+  losses = []
+  for i in range(3):
+    batch["key"] = pretrain_lib.device_keys(jax.random.key(1), i, 1)
+    new_params, opt_state, metrics = step(*state, None, batch)
+    state = (new_params, opt_state)
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and all(np.isfinite(float(metrics[k])) for k in ("mlm", "mim"))
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state) if np.issubdtype(leaf.dtype, np.floating))
+  assert np.abs(np.asarray(state[0]["mim_proj"]["kernel"]) - np.asarray(params["mim_proj"]["kernel"])).max() > 0
+
+
+def test_extraction_records_its_arithmetic_and_extracts_again_in_another(straight_run, tmp_path):
+  import json
+  import shutil
+  root, config, straight, _ = straight_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight, workdir)
+  info = pretrain_lib.extract(config, workdir)
+  assert (info["compute_dtype"], info["matmul_precision"]) == ("float32", "highest")
+  full = bridge.load_feature_table(workdir, N_ITEMS)
+  low = config.copy_and_resolve_references()
+  low.pretrain.compute_dtype = "bfloat16"
+  info = pretrain_lib.extract(low, workdir)  # the float32 table does not stand for a bfloat16 one
+  assert info["compute_dtype"] == "bfloat16"
+  with open(os.path.join(workdir, "features_meta.json"), encoding="utf-8") as f:
+    assert json.load(f)["compute_dtype"] == "bfloat16"
+  table = bridge.load_feature_table(workdir, N_ITEMS)
+  cosine = (table * full).sum(-1) / np.linalg.norm(table, axis=-1) / np.linalg.norm(full, axis=-1)
+  assert cosine.min() > 0.999 and np.abs(table - full).max() > 1e-5
+  # new items are encoded as the table was: in bfloat16 (the stored run config says float32)
+  features, _ = pretrain_lib.encode_items(workdir, pretrain_lib.items_path(config))
+  np.testing.assert_allclose(features, table, rtol=1e-5, atol=1e-5)
