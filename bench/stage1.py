@@ -3,15 +3,22 @@
   python bench/stage1.py                                 # base size (12 x 768), 224 px, 128 tokens, batch 2
   python bench/stage1.py --size=tiny --image_size=32 --patch_size=8 --text_len=32 --batch=64
   python bench/stage1.py --torch=false                   # JAX only
+  python bench/stage1.py --compute_dtype=bfloat16         # the encoder's products in bfloat16 (pretrain.compute_dtype)
 
 JAX: one ICA training step exactly as the trainer runs it (`pretrain.ica_share` in `parallel.pmap_train_step`, as
-train/loop.py calls it: masks, MLM + MIM, AdamW, one device) and feature extraction (the jitted visual-[CLS] forward of the joint input, items per second). PyTorch (when
-torch, torchscale and fairscale are importable; see tests/fixtures/make_beit3_fixture.py for the install): the same
-BEiT3 (unilm's configuration) on the same shapes, a forward with an MLM head tied to the text embedding and a
-linear pixel head on the patches, backward, AdamW step; and a no-grad forward for extraction. Inputs are random
-(speed does not depend on content); compilation (the JAX step's first two calls) and the first PyTorch step are
-excluded; the median of `--steps` timed steps is reported. Peak RSS is the process's maximum so far, taken after the JAX part and after the PyTorch part.
+train/loop.py calls it: masks, MLM + MIM, AdamW, one device) and feature extraction (the jitted visual-[CLS]
+forward of the joint input, items per second). PyTorch (when torch, torchscale and fairscale are importable; see
+tests/fixtures/make_beit3_fixture.py for the install): the same BEiT3 (unilm's configuration) on the same shapes,
+a forward with an MLM head tied to the text embedding on the masked half of the text positions (as the JAX step
+and unilm's pre-training run it) and a linear pixel head on the patches, backward, AdamW step; and a no-grad
+forward for extraction. Inputs are random (speed does not depend on content); compilation (the JAX step's first
+two calls) and the first PyTorch step are excluded; the median of `--steps` timed steps is reported. Peak RSS is
+the process's maximum so far, taken after the JAX part and after the PyTorch part.
 Ratios: jax_train_speedup = torch step time / JAX step time, jax_extract_speedup = JAX items/s / torch items/s.
+The hardware floor: the FLOPs of the compiled step (and of one extraction forward), as XLA's cost analysis of the
+optimised executable counts them (every product, plus elementwise work; a loop's body once), over this machine's
+GEMM rate (the median of timed `--gemm_size` square products in the step's compute dtype and matmul precision);
+jax_train_over_floor = JAX step time / floor, jax_extract_over_floor likewise (1 = the step runs at GEMM speed).
 Ends with ONE JSON line.
 """
 
@@ -42,6 +49,11 @@ _EXTRACT_BATCH = flags.DEFINE_integer("extract_batch", 8, "items per extraction 
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps of each kind (after one untimed warm-up)")
 _TORCH = flags.DEFINE_bool("torch", True, "also time torchscale's BEiT3 when torch is importable")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = torch's default)")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                           "dtype of the JAX encoder's products (config.pretrain.compute_dtype)")
+_PRECISION = flags.DEFINE_enum("matmul_precision", "highest", ["highest", "default"],
+                               "precision of float32 products (config.pretrain.matmul_precision)")
+_GEMM = flags.DEFINE_integer("gemm_size", 2048, "side of the square product that measures the GEMM rate")
 
 PAD, CLS, SEP, MASK = 1, 0, 2, 3
 
@@ -74,6 +86,22 @@ def _timed(fn, steps: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def _xla_flops(jitted, *args) -> float:
+  """FLOPs of `jitted` on `args` by XLA's cost analysis of the optimised (compiled) executable."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def _gemm_flops_per_s(n: int, dtype: str, precision: str) -> float:
+  """This machine's rate on a square n x n product in `dtype` at `precision`: 2 n^3 / the median time."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype) for i in (0, 1))
+  product = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+  print(f"GEMM {n} x {n} {dtype} ({precision}):", flush=True)
+  return 2 * n ** 3 / _timed(lambda: jax.block_until_ready(product(a, b)), 5)
+
+
 def bench_jax() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -86,7 +114,7 @@ def bench_jax() -> dict:
 
   pre = base.get_base_config().pretrain
   pre.update(size=_SIZE.value, image_size=_IMAGE.value, patch_size=_PATCH.value, max_text_len=_TEXT.value,
-             batch_size=_BATCH.value)
+             batch_size=_BATCH.value, compute_dtype=_DTYPE.value, matmul_precision=_PRECISION.value)
   model = mmenc.make_mmenc(pre, _VOCAB.value, PAD)
   params = pretrain.init_params(model, jax.random.key(0))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -106,15 +134,24 @@ def bench_jax() -> dict:
     state[0], state[1], metrics = step_fn(state[0], state[1], None, batch)
     jax.block_until_ready(metrics)
   train_s = _timed(train, _STEPS.value, warmup=2)  # the second call compiles again for the step's own outputs
+  step_flops = _xla_flops(step_fn, state[0], state[1], None, batch)
 
   features = jax.jit(lambda p, i, t: model.apply({"params": p}, mmenc.normalize_images(i), t, method=model.features))
   images, tokens = _inputs(_EXTRACT_BATCH.value, 1)
   host_params = jax.device_put(params, devices[0])
   extract_s = _timed(lambda: jax.block_until_ready(features(host_params, images, tokens)), _STEPS.value)
+  extract_flops = _xla_flops(features, host_params, images, tokens)
+  gemm = _gemm_flops_per_s(_GEMM.value, _DTYPE.value, _PRECISION.value)
   del ml_collections
   return {"backend": jax.default_backend(), "device": devices[0].device_kind, "params": n_params,
+          "compute_dtype": _DTYPE.value, "matmul_precision": _PRECISION.value,
           "jax_train_s_per_step": train_s, "jax_train_items_per_s": _BATCH.value / train_s,
-          "jax_extract_items_per_s": _EXTRACT_BATCH.value / extract_s, "peak_rss_mb_after_jax": _peak_rss_mb()}
+          "jax_extract_items_per_s": _EXTRACT_BATCH.value / extract_s, "peak_rss_mb_after_jax": _peak_rss_mb(),
+          "flops_source": "xla_cost_analysis", "step_gflops": step_flops / 1e9,
+          "extract_gflops_per_batch": extract_flops / 1e9, "gemm_size": _GEMM.value,
+          "gemm_gflops_per_s": gemm / 1e9, "floor_s_per_step": step_flops / gemm,
+          "jax_train_over_floor": train_s / (step_flops / gemm),
+          "jax_extract_over_floor": extract_s / (extract_flops / gemm)}
 
 
 def bench_torch() -> dict:
@@ -146,14 +183,15 @@ def bench_torch() -> dict:
   tok = torch.from_numpy(tokens).long()
   n_patches = (_IMAGE.value // _PATCH.value) ** 2
   masked = torch.rand(_BATCH.value, n_patches) < 0.4
+  masked_text = torch.rand(_BATCH.value, _TEXT.value) < 0.5
   pad = tok == PAD
   pixel_target = torch.randn(_BATCH.value, n_patches, _PATCH.value * _PATCH.value * 3)
 
   def train():
     out = model(textual_tokens=tok, visual_tokens=img, text_padding_position=pad,
                 vision_masked_position=masked)["encoder_out"]
-    logits = out[:, 1 + n_patches:] @ model.text_embed.weight.T
-    mlm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok.reshape(-1))
+    logits = out[:, 1 + n_patches:][masked_text] @ model.text_embed.weight.T
+    mlm = torch.nn.functional.cross_entropy(logits, tok[masked_text])
     mim = ((mim_head(out[:, 1:1 + n_patches]) - pixel_target) ** 2).mean()
     opt.zero_grad()
     (mlm + mim).backward()
@@ -184,6 +222,9 @@ def main(argv):
   print(f"JAX ({out['backend']}): train {out['jax_train_s_per_step']:.3f} s/step "
         f"({out['jax_train_items_per_s']:.2f} items/s), extraction {out['jax_extract_items_per_s']:.2f} items/s",
         flush=True)
+  print(f"floor ({out['compute_dtype']}, {out['matmul_precision']}): {out['step_gflops']:.2f} GFLOP per step / "
+        f"{out['gemm_gflops_per_s']:.1f} GFLOP/s GEMM = {out['floor_s_per_step']:.4f} s; step / floor "
+        f"{out['jax_train_over_floor']:.2f}, extraction / floor {out['jax_extract_over_floor']:.2f}", flush=True)
   if _TORCH.value:
     out.update(bench_torch())
     if "torch_train_s_per_step" in out:
