@@ -42,3 +42,18 @@ def test_a_stage1_arithmetic_outside_its_choices_fails_in_one_line_naming_the_ke
   with pytest.raises(ValueError, match=rf"^config.pretrain.{key}='{value}' must be one of \(") as e:
     checks.check_stage1(config)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("train.divergence_growth", 0.5, "must be 0 \\(off\\) or above 1"),
+    ("train.divergence_growth", -1.0, "must be >= 0"),
+    ("model.propagation", "dense", "must be one of \\("),
+    ("model.embedding_size", 0, "must be >= 1")])
+def test_a_stage2_value_outside_its_range_fails_in_one_line_naming_the_key(key, value, why):
+  config = lfm2k.get_config()
+  checks.check_stage2(config)  # the shipped config passes
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=rf"^config.{key}={value!r} {why}") as e:
+    checks.check_stage2(config)
+  assert "\n" not in str(e.value)
