@@ -16,7 +16,7 @@ from alignrec_jax.models.baselines import freedom as freedom_lib
 from configs import base
 from tests.test_compare import tiny_config
 
-BASELINES = ("bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn")
+BASELINES = ("bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn", "layergcn")
 
 
 def toy_data(n_users=30, n_items=24, seed=0, text=True) -> RecData:
@@ -80,6 +80,16 @@ def lightgcn_np(A, eu, ei, layers):
     out.append(A @ out[-1])
   mean = np.mean(out, axis=0)
   return mean[:len(eu)], mean[len(eu):]
+
+
+def layergcn_np(A, eu, ei, layers):
+  ego = np.concatenate([eu, ei])
+  x, total = ego, 0.0
+  for _ in range(layers):
+    x = A @ x
+    x = cos_rows(x, ego)[:, None] * x
+    total = total + x
+  return total[:len(eu)], total[len(eu):]
 
 
 def linear(p, x):
@@ -194,6 +204,12 @@ def reference_loss(name, data, params, batch, hp, batch_size):
     reg = 0.5 * ((hu[u] ** 2).sum() + (hi[pos] ** 2).sum() + (hi[neg] ** 2).sum()) / batch_size
     cl = nce(side[U:][pos], content[U:][pos]) + nce(side[:U][u], content[:U][u])
     return bpr_plain(hu[u], hi[pos], hi[neg]) + hp.reg_weight * reg + hp.cl_loss * cl, hu, hi
+  if name == "layergcn":  # both terms are sums over the batch
+    hu, hi = layergcn_np(norm_adj(data), p["user_embeddings"], p["item_embeddings"], hp.n_layers)
+    eu, ei = p["user_embeddings"], p["item_embeddings"]
+    mf = -np.sum(np.log(sigmoid((hu[u] * hi[pos]).sum(1) - (hu[u] * hi[neg]).sum(1))))
+    reg = 0.5 * ((eu[u] ** 2).sum() + (ei[pos] ** 2).sum() + (ei[neg] ** 2).sum())
+    return mf + hp.reg_weight * reg, hu, hi
   raise AssertionError(name)
 
 
@@ -205,6 +221,8 @@ def test_loss_and_scores_match_numpy_reference(name):
     overrides = {"freedom__knn_k": 4, "freedom__reg_weight": 0.3}
   if name == "mgcn":
     overrides = {"mgcn__knn_k": 4, "mgcn__cl_loss": 0.5, "mgcn__reg_weight": 0.1}
+  if name == "layergcn":
+    overrides = {"layergcn__n_layers": 3, "layergcn__reg_weight": 0.3}
   config = toy_config(**overrides)
   model, inputs, params = build(name, data, config)
   batch = toy_batch(data, 20)
@@ -352,6 +370,38 @@ def test_gumbel_top_k_samples_without_replacement_in_proportion():
   p = probs / probs.sum()
   want0 = p[0] + sum(p[j] * p[0] / (1 - p[j]) for j in range(1, 5))
   assert abs(firsts[0] / 4000 - want0) < 0.03
+
+
+# ------------------------------------------------------------------------------------------ LayerGCN
+
+
+def test_layergcn_prunes_degree_sensitively_on_even_epochs_and_uniformly_on_odd_ones():
+  """MMRec flips between torch.multinomial on 1/sqrt(d_u d_i) and random.sample after every epoch, starting with
+  the degree-sensitive draw; the loss trains on the epoch's graph, evaluation on the full one."""
+  data = toy_data()
+  model, inputs, params = build("layergcn", data, toy_config(layergcn__dropout=0.3, layergcn__reg_weight=0.3))
+  assert model.inputs_change_per_epoch
+  n_keep, key = int(len(data.train) * 0.7), jax.random.PRNGKey(7)
+  for epoch, weights in ((0, np.asarray(inputs.edge_probs)), (1, np.ones(len(data.train))), (2, None)):
+    pruned = model.epoch_inputs(inputs, key, epoch)
+    A = pruned.train_adj.to_dense()
+    kept = A[:data.n_users, data.n_users:][data.train[:, 0], data.train[:, 1]] > 0
+    if weights is not None:
+      want = np.zeros(len(data.train), bool)
+      want[freedom_lib.sample_kept_edges(key, weights, n_keep)] = True
+      np.testing.assert_array_equal(kept, want)
+    batch = toy_batch(data, 20)
+    p = np64(params)
+    hu, hi = layergcn_np(A, p["user_embeddings"], p["item_embeddings"], model.hp.n_layers)
+    eu, ei = p["user_embeddings"], p["item_embeddings"]
+    u, pos, neg = batch["users"], batch["pos"], batch["neg"]
+    want_loss = (-np.sum(np.log(sigmoid((hu[u] * hi[pos]).sum(1) - (hu[u] * hi[neg]).sum(1))))
+                 + 0.3 * 0.5 * ((eu[u] ** 2).sum() + (ei[pos] ** 2).sum() + (ei[neg] ** 2).sum()))
+    np.testing.assert_allclose(float(model.loss(params, pruned, batch)[0]), want_loss, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(model.representations(params, pruned)[0]),
+                             layergcn_np(norm_adj(data), p["user_embeddings"], p["item_embeddings"], 4)[0], atol=2e-5)
+  plain, plain_inputs, _ = build("layergcn", data, toy_config())  # dropout 0: the full graph, the same inputs
+  assert not plain.inputs_change_per_epoch and plain.epoch_inputs(plain_inputs, key, 1) is plain_inputs
 
 
 # ------------------------------------------------------------------------------------------ configs
