@@ -58,7 +58,7 @@ def test_grid_combinations_and_overrides():
 
 def test_every_grid_key_exists_in_the_config():
   config = base.get_base_config()
-  for name in ("alignrec", "bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn", "layergcn"):
+  for name in ("alignrec", "bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn", "layergcn", "lgmrec"):
     grid = compare.hyper_grid(name)
     assert grid, name
     compare.apply_overrides(config, name, 0, compare.grid_combinations(grid)[-1])

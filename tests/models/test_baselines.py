@@ -16,7 +16,7 @@ from alignrec_jax.models.baselines import freedom as freedom_lib
 from configs import base
 from tests.test_compare import tiny_config
 
-BASELINES = ("bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn", "layergcn")
+BASELINES = ("bprmf", "lightgcn", "vbpr", "bm3", "freedom", "mgcn", "layergcn", "lgmrec")
 
 
 def toy_data(n_users=30, n_items=24, seed=0, text=True) -> RecData:
@@ -129,8 +129,55 @@ def nce(a, b, tau=0.2):
   return np.mean(-np.log(np.diag(s) / s.sum(1)))
 
 
-def reference_loss(name, data, params, batch, hp, batch_size):
-  """(loss, user scores table, item scores table) of the MMRec model `name`, float64."""
+def normalize_rows(x):
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nce_all(a, table, rows, tau=0.2):  # summed over the anchors; every row of `table` is a candidate
+  s = np.exp(normalize_rows(a) @ normalize_rows(table).T / tau)
+  return np.sum(-np.log(s[np.arange(len(rows)), rows] / s.sum(1)))
+
+
+def softmax_rows(x):
+  e = np.exp(x - x.max(1, keepdims=True))
+  return e / e.sum(1, keepdims=True)
+
+
+def lgmrec_np(data, p, hp, noise):
+  """(h_u, h_i, {u_slot, i_slot: GHE}) of MMRec's LGMRec forward without dropout; noise: {slot: (g_i, g_u)} Gumbel
+  draws, or None for the noiseless softmax."""
+  U = data.n_users
+  R = np.zeros((U, data.n_items))
+  R[data.train[:, 0], data.train[:, 1]] = 1.0
+  A = norm_adj(data)
+  c_u, c_i = lightgcn_np(A, p["user_embedding"], p["item_id_embedding"], hp.n_ui_layers)
+  h, ghe, hyper = np.concatenate([c_u, c_i]), 0.0, {}
+  for slot in ("image", "text"):
+    F = data.features[slot].astype(np.float64)
+    a = F @ p[f"{slot}_hyper"]
+    g_i, g_u = noise[slot] if noise is not None else (0.0, 0.0)
+    Hi, Hu = softmax_rows((a + g_i) / 0.2), softmax_rows((R @ a + g_u) / 0.2)
+    lat = Hi.T @ c_i
+    hyper[f"i_{slot}"], hyper[f"u_{slot}"] = Hi @ lat, Hu @ lat
+    ghe = ghe + np.concatenate([Hu @ lat, Hi @ lat])
+    f = F @ p[f"{slot}_trs"]
+    x = np.concatenate([R @ f / (R.sum(1, keepdims=True) + 1e-7), f])
+    h = h + normalize_rows(np.linalg.matrix_power(A, hp.n_mm_layers) @ x)
+  h = h + hp.alpha * normalize_rows(ghe)
+  return h[:U], h[U:], hyper
+
+
+def lgmrec_noise(key, data, hyper_num=4):
+  """LGMRec's Gumbel draws of one forward call under `key`: {slot: (g_i [I, H], g_u [U, H])}."""
+  keys = jax.random.split(key, 8)
+  draw = lambda k, n: np.asarray(jax.random.gumbel(k, (n, hyper_num)), np.float64)
+  return {slot: (draw(keys[4 * m], data.n_items), draw(keys[4 * m + 1], data.n_users))
+          for m, slot in enumerate(("image", "text"))}
+
+
+def reference_loss(name, data, params, batch, hp, batch_size, noise=None):
+  """(loss, user scores table, item scores table) of the MMRec model `name`, float64. noise: LGMRec's training
+  Gumbel draws (lgmrec_noise); its score tables are the noiseless ones."""
   p = np64(params)
   u, pos, neg = batch["users"], batch["pos"], batch["neg"]
   U = data.n_users
@@ -210,6 +257,12 @@ def reference_loss(name, data, params, batch, hp, batch_size):
     mf = -np.sum(np.log(sigmoid((hu[u] * hi[pos]).sum(1) - (hu[u] * hi[neg]).sum(1))))
     reg = 0.5 * ((eu[u] ** 2).sum() + (ei[pos] ** 2).sum() + (ei[neg] ** 2).sum())
     return mf + hp.reg_weight * reg, hu, hi
+  if name == "lgmrec":  # keep_rate 1 (no dropout); scores from the noiseless softmax (eval_noise=False)
+    hu, hi, g = lgmrec_np(data, p, hp, noise)
+    cl = nce_all(g["u_image"][u], g["u_text"], u) + nce_all(g["i_image"][pos], g["i_text"], pos)
+    reg = emb_loss(hu[u], hi[pos], hi[neg])
+    loss = bpr_plain(hu[u], hi[pos], hi[neg]) + hp.cl_weight * cl + hp.reg_weight * reg
+    return (loss,) + lgmrec_np(data, p, hp, None)[:2]
   raise AssertionError(name)
 
 
@@ -223,11 +276,15 @@ def test_loss_and_scores_match_numpy_reference(name):
     overrides = {"mgcn__knn_k": 4, "mgcn__cl_loss": 0.5, "mgcn__reg_weight": 0.1}
   if name == "layergcn":
     overrides = {"layergcn__n_layers": 3, "layergcn__reg_weight": 0.3}
+  if name == "lgmrec":
+    overrides = {"lgmrec__keep_rate": 1.0, "lgmrec__eval_noise": False, "lgmrec__cl_weight": 0.05,
+                 "lgmrec__reg_weight": 0.2}
   config = toy_config(**overrides)
   model, inputs, params = build(name, data, config)
   batch = toy_batch(data, 20)
   loss, metrics = jax.jit(model.loss)(params, inputs, batch)
-  want, want_users, want_items = reference_loss(name, data, params, batch, model.hp, config.train.batch_size)
+  noise = lgmrec_noise(baseline.step_key(inputs.rng, batch), data) if name == "lgmrec" else None
+  want, want_users, want_items = reference_loss(name, data, params, batch, model.hp, config.train.batch_size, noise)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
   users, items = jax.jit(model.representations)(params, inputs)
@@ -300,10 +357,11 @@ def test_shards_add_up_to_the_whole_batch(name):
 
 def test_one_modality_is_enough_and_none_is_an_error():
   data = toy_data(text=False)
-  for name in ("vbpr", "bm3", "freedom", "mgcn"):
+  for name in ("vbpr", "bm3", "freedom", "mgcn", "lgmrec"):
     model, inputs, params = build(name, data, toy_config())
-    loss, _ = model.loss(params, inputs, toy_batch(data, 16))
+    loss, metrics = model.loss(params, inputs, toy_batch(data, 16))
     assert np.isfinite(float(loss)), name
+  assert float(metrics["hcl"]) == 0.0  # LGMRec: no second hypergraph to contrast with
   empty = RecData(data.name, data.n_users, data.n_items, data.train, data.valid, data.test, {})
   with pytest.raises(ValueError, match="needs item features"):
     get_model("mgcn")(toy_config()).build_inputs(empty)
@@ -372,7 +430,7 @@ def test_gumbel_top_k_samples_without_replacement_in_proportion():
   assert abs(firsts[0] / 4000 - want0) < 0.03
 
 
-# ------------------------------------------------------------------------------------------ LayerGCN
+# ------------------------------------------------------------------------------------------ LayerGCN, LGMRec
 
 
 def test_layergcn_prunes_degree_sensitively_on_even_epochs_and_uniformly_on_odd_ones():
@@ -404,6 +462,26 @@ def test_layergcn_prunes_degree_sensitively_on_even_epochs_and_uniformly_on_odd_
   assert not plain.inputs_change_per_epoch and plain.epoch_inputs(plain_inputs, key, 1) is plain_inputs
 
 
+def test_lgmrec_noise_and_dropout_are_keyed_and_evaluation_draws_once():
+  """Training: fresh Gumbel noise and hyperedge dropout per key; evaluation: MMRec's noisy forward with one draw
+  from the run's seed (eval_noise=True), or the noiseless softmax."""
+  data = toy_data()
+  model, inputs, params = build("lgmrec", data, toy_config())
+  batch = toy_batch(data, 20)
+  loss = jax.jit(lambda i: model.loss(params, i, batch)[0])
+  a, b = (float(loss(model.epoch_inputs(inputs, jax.random.PRNGKey(3), 0))) for _ in range(2))
+  assert a == b != float(loss(model.epoch_inputs(inputs, jax.random.PRNGKey(4), 1)))
+  keep_all = get_model("lgmrec")(toy_config(lgmrec__keep_rate=1.0))
+  assert float(keep_all.loss(params, inputs, batch)[0]) != float(model.loss(params, inputs, batch)[0])
+  p = np64(params)
+  noisy = model.representations(params, inputs)
+  np.testing.assert_allclose(np.asarray(noisy[1]), lgmrec_np(data, p, model.hp, lgmrec_noise(inputs.eval_rng, data))[1],
+                             atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(noisy[1]), np.asarray(model.representations(params, inputs)[1]))
+  quiet = get_model("lgmrec")(toy_config(lgmrec__eval_noise=False)).representations(params, inputs)
+  np.testing.assert_allclose(np.asarray(quiet[1]), lgmrec_np(data, p, model.hp, None)[1], atol=2e-5)
+
+
 # ------------------------------------------------------------------------------------------ configs
 
 
@@ -428,7 +506,8 @@ def test_every_model_follows_one_stateless_contract():
     before = dict(vars(model))
     inputs = model.build_inputs(data)
     assert vars(model) == before, name
-    assert (model.epoch_inputs(inputs, jax.random.PRNGKey(0), 0) is inputs) == (name not in ("bm3", "freedom"))
+    assert (model.epoch_inputs(inputs, jax.random.PRNGKey(0), 0) is inputs) == (name not in ("bm3", "freedom",
+                                                                                              "lgmrec"))
     assert model.inputs_after_init(inputs) is inputs or name == "alignrec"
 
 
