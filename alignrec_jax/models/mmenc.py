@@ -133,8 +133,8 @@ class FeedForwardNetwork(nn.Module):
 
 
 class MultiwayFFN(nn.Module):
-  """FFN experts A (vision) and B (language); `VL` (opt-in, not in the released models) for joint inputs."""
-  hidden: int
+  """FFN experts A (vision) and B (language); `VL` (opt-in, not in the released models) for joint inputs. Each maps
+  back to the input's width."""
   mlp: int
   dropout: float
   vl_ffn: bool = False
@@ -142,7 +142,7 @@ class MultiwayFFN(nn.Module):
 
   @nn.compact
   def __call__(self, x, split: int, deterministic: bool):
-    make = lambda name: FeedForwardNetwork(self.hidden, self.mlp, self.dropout, self.dtype, name=name)
+    make = lambda name: FeedForwardNetwork(x.shape[-1], self.mlp, self.dropout, self.dtype, name=name)
     a, b = make("A"), make("B")
     joint = 0 < split < x.shape[1]
     if self.vl_ffn:
@@ -198,7 +198,7 @@ class EncoderLayer(nn.Module):
                                                                                              deterministic)
     x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)  # float32 + compute dtype: float32
     h = MultiwayLayerNorm(name="final_layer_norm")(x, split)
-    ffn = MultiwayFFN(self.hidden, self.mlp, self.dropout, self.vl_ffn, self.dtype, name="ffn")
+    ffn = MultiwayFFN(self.mlp, self.dropout, self.vl_ffn, self.dtype, name="ffn")
     return x + ffn(h, split, deterministic)
 
 
