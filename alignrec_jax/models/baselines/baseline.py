@@ -195,3 +195,15 @@ class Baseline(Recommender):
                    wb.n_real) * wb.share
     total = mf + self.hp.reg_weight * reg
     return total, {"loss": total, "bpr": mf, "reg": reg}
+
+
+class PrunedGraphBaseline(Baseline):
+  """A Baseline whose net takes its user-item graph as an argument: it trains on the epoch's pruned graph
+  (`inputs.train_adj`, made by `epoch_inputs`) and is initialised and evaluated on the whole one (`inputs.adj`)."""
+
+  def init(self, rng: jax.Array, inputs) -> dict:
+    return self.net(inputs).init(rng, inputs, inputs.adj)["params"]
+
+  def representations(self, params: dict, inputs) -> tuple[jax.Array, jax.Array]:
+    out = self.forward(params, inputs, adj=inputs.adj)
+    return out["user"], out["item"]

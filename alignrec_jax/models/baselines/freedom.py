@@ -100,7 +100,7 @@ class FreedomNet(baseline.GraphNet):
 
 
 @register("freedom")
-class Freedom(baseline.Baseline):
+class Freedom(baseline.PrunedGraphBaseline):
   """The model contract (alignrec_jax.models) for FREEDOM, with the per-epoch pruning hook `epoch_inputs`."""
   inputs_change_per_epoch = True  # the user-item graph is pruned anew every epoch
   defaults = {"knn_k": 10, "n_mm_layers": 1, "n_ui_layers": 2, "mm_image_weight": 0.1, "dropout": 0.8,
@@ -159,13 +159,6 @@ class Freedom(baseline.Baseline):
   def net(self, inputs: FreedomInputs) -> FreedomNet:
     return FreedomNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation,
                       int(self.hp.n_mm_layers), int(self.hp.n_ui_layers))
-
-  def init(self, rng: jax.Array, inputs: FreedomInputs) -> dict:
-    return self.net(inputs).init(rng, inputs, inputs.adj)["params"]
-
-  def representations(self, params: dict, inputs: FreedomInputs) -> tuple[jax.Array, jax.Array]:
-    out = self.forward(params, inputs, adj=inputs.adj)
-    return out["user"], out["item"]
 
   def loss(self, params: dict, inputs: FreedomInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:

@@ -59,7 +59,7 @@ class LayerGCNNet(baseline.GraphNet):
 
 
 @register("layergcn")
-class LayerGCN(baseline.Baseline):
+class LayerGCN(baseline.PrunedGraphBaseline):
   """The model contract (alignrec_jax.models) for LayerGCN, with the per-epoch edge dropout hook `epoch_inputs`."""
   defaults = {"n_layers": 4, "dropout": 0.0, "reg_weight": 1e-2}
   # LayerGCN.yaml's grid in its hyper_parameters order; its lr is overall.yaml's 0.001
@@ -102,13 +102,6 @@ class LayerGCN(baseline.Baseline):
   def net(self, inputs: LayerGCNInputs) -> LayerGCNNet:
     return LayerGCNNet(inputs.n_users, inputs.n_items, self.hp.embedding_size, self.propagation,
                        int(self.hp.n_layers))
-
-  def init(self, rng: jax.Array, inputs: LayerGCNInputs) -> dict:
-    return self.net(inputs).init(rng, inputs, inputs.adj)["params"]
-
-  def representations(self, params: dict, inputs: LayerGCNInputs) -> tuple[jax.Array, jax.Array]:
-    out = self.forward(params, inputs, adj=inputs.adj)
-    return out["user"], out["item"]
 
   def loss(self, params: dict, inputs: LayerGCNInputs, batch: dict,
            axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
